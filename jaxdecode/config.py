@@ -311,7 +311,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=d_model // heads,
-            ffn_dim=int(hf.get("expansion_ratio", 4) * d_model),
+            ffn_dim=4 * d_model,  # as HF's MptMLP, which ignores expansion_ratio
             max_seq_len=hf.get("max_seq_len", 2048),
             norm="layer",
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),

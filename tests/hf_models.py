@@ -1,0 +1,105 @@
+"""Tiny random-weight Hugging Face models of every supported family, saved as HF directories.
+
+The reference implementation is HF transformers' own model code; weights are HF's init plus
+noise on every tensor (norm scales and biases included), so no parameter can go unused unnoticed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+VOCAB = 96
+
+
+def _configs() -> dict[str, tf.PretrainedConfig]:
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, intermediate_size=112)
+    return {
+        # GQA 4:2, Llama-3.1 frequency scaling, untied head.
+        "llama": tf.LlamaConfig(
+            **common,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+        # Linear RoPE scaling, MHA, tied embeddings.
+        "llama_linear": tf.LlamaConfig(
+            **common,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        ),
+        # Sliding window shorter than the test sequences.
+        "mistral": tf.MistralConfig(
+            **common, num_attention_heads=4, num_key_value_heads=2, sliding_window=7, max_position_embeddings=256
+        ),
+        "qwen2": tf.Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        # MQA, head_dim != hidden / heads, GeGLU, (1 + w) RMSNorm, sqrt(d) embedding scale.
+        "gemma": tf.GemmaConfig(
+            **common, num_attention_heads=4, num_key_value_heads=1, head_dim=24, max_position_embeddings=256
+        ),
+        # Falcon-7B style: MQA, parallel attention + MLP with one shared LayerNorm.
+        "falcon": tf.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            multi_query=True,
+            parallel_attn=True,
+            new_decoder_architecture=False,
+            bias=False,
+            alibi=False,
+        ),
+        # Falcon-40B style: grouped KV heads, separate LayerNorms for attention and MLP, biases.
+        "falcon_40b": tf.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            bias=True,
+            alibi=False,
+        ),
+        # ALiBi with a non-power-of-two head count (6).
+        "bloom": tf.BloomConfig(vocab_size=VOCAB, hidden_size=96, n_layer=2, n_head=6),
+        "mpt": tf.MptConfig(vocab_size=VOCAB, d_model=96, n_layers=2, n_heads=6, max_seq_len=256),
+        # MQA with learned absolute positions.
+        "gpt_bigcode": tf.GPTBigCodeConfig(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True
+        ),
+    }
+
+
+FAMILY_CASES = tuple(_configs())
+
+
+def build(name: str, directory: Path, seed: int = 0) -> torch.nn.Module:
+    """Create the tiny HF model `name`, perturb every weight, save it to `directory`; return it (eval, float32)."""
+    torch.manual_seed(seed)
+    config = _configs()[name]
+    config._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_logits(model: torch.nn.Module, tokens) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float()
