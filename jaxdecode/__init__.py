@@ -1,9 +1,9 @@
 """jaxdecode: fast LLM inference in JAX/XLA.
 
-    import jaxdecode as jd
-    model = jd.load("smollm2-135m")
-    out = jd.generate(model, "The capital of France is", max_new_tokens=16)
-    print(out.text[0])
+import jaxdecode as jd
+model = jd.load("smollm2-135m")
+out = jd.generate(model, "The capital of France is", max_new_tokens=16)
+print(out.text[0])
 """
 
 from .api import GenerationResult, Model, StreamPiece, forward, generate, load, stream

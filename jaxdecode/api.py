@@ -341,4 +341,3 @@ def stream(
             continue
         piece, emitted = text[len(emitted) :], text
         yield StreamPiece(generated[-1], piece)
-

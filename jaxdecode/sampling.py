@@ -43,7 +43,9 @@ class Sampling:
         if not (0.0 <= self.min_p < 1.0):
             raise ValueError(f"min_p must be in [0, 1) (0 turns it off), got {self.min_p}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 turns it off), got {self.repetition_penalty}")
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0 (1 turns it off), got {self.repetition_penalty}"
+            )
 
     @property
     def greedy(self) -> bool:

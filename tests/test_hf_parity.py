@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxdecode as jd
+
 from hf_models import FAMILY_CASES, VOCAB, build, hf_logits
 
 SEQ = 19
@@ -30,7 +31,9 @@ def test_forward_matches_hf(family):
     got = np.asarray(jd.forward(model, tokens))
     assert got.shape == expected.shape
     err = np.max(np.abs(got - expected))
-    assert err <= 1e-4 * np.max(np.abs(expected)), f"{name}: max |diff| {err:.3g}, max |logit| {np.abs(expected).max():.3g}"
+    assert err <= 1e-4 * np.max(np.abs(expected)), (
+        f"{name}: max |diff| {err:.3g}, max |logit| {np.abs(expected).max():.3g}"
+    )
 
 
 def test_incremental_decoding_matches_full_forward(family):

