@@ -44,10 +44,17 @@ def write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Write `new` `[B, T, Hkv, D]` into `buffer` `[B, Hkv, S, D]` at slots `start[b] .. start[b] + T`.
 
     One scatter on the whole buffer; inside a jitted step whose cache is donated, XLA does it in
-    place. The caller guarantees `start + T <= S` (a slot past the end would be dropped).
+    place. The caller guarantees `start + T <= S`; out-of-range slots are undefined behaviour (XLA may clamp),
+    which is what lets XLA update the buffer in place without a bounds-checking select.
     """
-    batch, steps = new.shape[:2]
-    rows = jnp.arange(batch)[:, None]
-    slots = start[:, None] + jnp.arange(steps)[None, :]
-    # Advanced indices (rows, slots) around a slice put their [B, T] dims first: the update is [B, T, Hkv, D].
-    return buffer.at[rows, :, slots].set(new.astype(buffer.dtype), mode="drop")
+    batch, steps, num_kv_heads, head_dim = new.shape
+    max_len = buffer.shape[2]
+    # Scatter into the [B * Hkv, S, D] view: the attention dots read the cache in that view too, so
+    # XLA sees one buffer updated in place rather than a write it must copy to reshape (at batch 1).
+    rows = (jnp.arange(batch)[:, None] * num_kv_heads + jnp.arange(num_kv_heads)[None, :]).reshape(-1)  # [B*Hkv]
+    slots = start[:, None] + jnp.arange(steps)[None, :]  # [B, T]
+    slots = jnp.repeat(slots, num_kv_heads, axis=0)  # [B*Hkv, T]
+    merged = buffer.reshape(batch * num_kv_heads, max_len, head_dim)
+    update = new.transpose(0, 2, 1, 3).reshape(batch * num_kv_heads, steps, head_dim).astype(buffer.dtype)
+    merged = merged.at[rows[:, None], slots].set(update, mode="promise_in_bounds")
+    return merged.reshape(buffer.shape)

@@ -29,8 +29,13 @@ def _attend(
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    qg = q.reshape(batch, num_kv_heads, group, q_len, head_dim)
-    scores = jnp.einsum("bhgtd,bhsd->bhgts", qg, k, preferred_element_type=jnp.float32) * scale
+    # One batch dimension (batch x kv-head) for the dots: all query heads of a KV group share its K/V
+    # read, and no size-1 batch dim is left for XLA to squeeze (which made it copy the cache at batch 1).
+    qg = q.reshape(batch * num_kv_heads, group * q_len, head_dim)
+    kg = k.reshape(batch * num_kv_heads, kv_len, head_dim)
+    vg = v.reshape(batch * num_kv_heads, kv_len, head_dim)
+    scores = jnp.einsum("ntd,nsd->nts", qg, kg, preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(batch, num_kv_heads, group, q_len, kv_len)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
@@ -45,8 +50,8 @@ def _attend(
             in_window = in_window | (k_pos < sinks)
         mask = mask & in_window
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhgts,bhsd->bhgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(batch * num_kv_heads, group * q_len, kv_len)
+    out = jnp.einsum("nts,nsd->ntd", probs.astype(v.dtype), vg, preferred_element_type=jnp.float32)
     return out.reshape(batch, num_heads, q_len, head_dim).astype(q.dtype)
 
 
