@@ -24,7 +24,7 @@ from .generate import decode_loop, decode_step, prefill
 from .io.gguf import load_gguf
 from .io.hf import load_hf
 from .io.tokenizer import Tokenizer
-from .model import Params, apply
+from .model import Params, apply, linear_weights_to_in_out
 from .sampling import Sampling, prepare
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,7 +104,7 @@ def load(source: str | os.PathLike[str], *, dtype: str = "float32", attention: s
         config, params, tokenizer = load_hf(path, np_dtype)
     else:
         config, params, tokenizer = load_gguf(path, np_dtype)
-    params = jax.tree.map(jnp.asarray, params)
+    params = jax.tree.map(jnp.asarray, linear_weights_to_in_out(params))
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), attention=attention)
 
 

@@ -4,9 +4,11 @@ One attention module and one block serve all families; `ModelConfig` fields swit
 learned positions, RMSNorm / LayerNorm, gated / plain MLPs and sequential / parallel blocks.
 
 The entry point is `apply(params, config, tokens, positions, kv_cache)`; params are a plain nested
-dict of arrays. Weights are stored `[out, in]` (as PyTorch and GGUF store them) and contracted on
-their last axis: on XLA's CPU backend a matrix-vector product reads that layout about twice as fast
-as `[in, out]` (BRIEF §3), and decoding is a matrix-vector product per weight.
+dict of arrays. Linear weights are `[in, out]` (checkpoints store `[out, in]`; loaders transpose with
+`linear_weights_to_in_out`). Measured on XLA's CPU backend with SmolLM2's layer weights (425 MB):
+batch 1, `[out, in]` 14.2 ms vs `[in, out]` 15.2 ms; batch 8, 27.1 ms vs 17.9 ms. So `[in, out]`, which
+is also Flax's convention and the natural one for column/row-parallel sharding. The embedding stays
+`[vocab, d_model]` and doubles as the (tied) LM head, contracted on its last axis.
 """
 
 from __future__ import annotations
@@ -28,11 +30,20 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 def matmul(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """x `[..., in]` times weight `[out, in]` -> `[..., out]` in x's dtype, accumulated in float32."""
+    """x `[..., in]` times weight `[in, out]` -> `[..., out]` in x's dtype, accumulated in float32."""
     y = lax.dot_general(
-        x.astype(weight.dtype), weight, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        x.astype(weight.dtype), weight, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
     return y.astype(x.dtype)
+
+
+def linear_weights_to_in_out(params: Params) -> Params:
+    """Transpose every Linear `weight` from the checkpoint layout `[out, in]` to the model's `[in, out]`."""
+
+    def fix(path, leaf):
+        return leaf.T if getattr(path[-1], "key", None) == "weight" else leaf
+
+    return jax.tree_util.tree_map_with_path(fix, params)
 
 
 class Linear(nn.Module):
@@ -41,7 +52,7 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", _init, (self.features, x.shape[-1]), x.dtype)
+        weight = self.param("weight", _init, (x.shape[-1], self.features), x.dtype)
         y = matmul(x, weight)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), x.dtype).astype(y.dtype)
@@ -193,7 +204,9 @@ class Decoder(nn.Module):
         if logits_at is not None:  # only the positions whose logits are needed go through the head
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = Norm(cfg, name="final_norm")(x)
-        head = embedding if cfg.tie_embeddings else self.param("lm_head", _init, (cfg.vocab_size, cfg.d_model))
+        head = embedding
+        if not cfg.tie_embeddings:
+            head = self.param("lm_head", _init, (cfg.vocab_size, cfg.d_model), self.dtype)
         logits = lax.dot_general(
             x.astype(head.dtype), head, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )

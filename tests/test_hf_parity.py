@@ -70,3 +70,18 @@ def test_verify_block_matches_full_forward(family):
     tail = np.arange(12, SEQ, dtype=np.int32)[None]
     logits, _ = jd.apply(model.params, model.config, jnp.asarray(tokens[:, 12:]), tail, cache)
     np.testing.assert_allclose(np.asarray(logits), full[:, 12:], rtol=0, atol=1e-4 * np.abs(full).max())
+
+
+def test_bfloat16_close_to_float32(tmp_path):
+    """bfloat16 weights, activations and cache: logits within bfloat16 rounding of the float32 model."""
+    build("llama", tmp_path)
+    f32 = jd.load(tmp_path)
+    bf16 = jd.load(tmp_path, dtype="bfloat16")
+    assert bf16.params["layer_0"]["attn"]["q"]["weight"].dtype == jnp.bfloat16
+    tokens = _tokens(2, SEQ, seed=4)
+    ref = np.asarray(jd.forward(f32, tokens))
+    got = np.asarray(jd.forward(bf16, tokens))
+    assert got.dtype == np.float32
+    assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max()
+    out = jd.generate(bf16, tokens.tolist(), max_new_tokens=4, stop_ids=())
+    assert all(len(t) == 4 for t in out.tokens)

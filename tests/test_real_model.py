@@ -127,3 +127,35 @@ def test_chat_template_and_stop(model):
     assert "Paris" in out.text[0]
     assert out.finish_reasons == ["stop"], "the instruct model ends its answer with <|im_end|>"
     assert 2 not in out.tokens[0]
+
+
+def test_hf_directory_of_the_same_model(model, hf, tmp_path):
+    """HF transformers writes the GGUF out as a sharded safetensors directory with tokenizer.json and
+    tokenizer_config.json; loading that directory must give the same logits, tokens and chat prompt."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    hf_model, hf_tokenizer = hf
+    # HF will not save a model it loaded from GGUF; a plain copy of it saves like any checkpoint.
+    config = copy.deepcopy(hf_model.config)
+    config.quantization_config = None
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(hf_model.state_dict())
+    plain.save_pretrained(tmp_path, max_shard_size="100MB")
+    hf_tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    from_dir = jd.load(tmp_path)
+    assert from_dir.config == model.config.replace(max_seq_len=from_dir.config.max_seq_len)
+    tokens = [model.tokenizer.encode("The capital of France is Paris, and the capital of Germany is")]
+    np.testing.assert_allclose(
+        np.asarray(jd.forward(from_dir, tokens)), np.asarray(jd.forward(model, tokens)), rtol=0, atol=1e-4
+    )
+    text = _texts()[0]
+    assert from_dir.tokenizer.encode(text) == hf_tokenizer(text).input_ids
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert from_dir.tokenizer.apply_chat_template(messages) == hf_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert model.tokenizer.apply_chat_template(messages) == from_dir.tokenizer.apply_chat_template(messages)
+    assert 2 in from_dir.tokenizer.stop_ids

@@ -103,7 +103,7 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def load_gguf(path: str | os.PathLike[str], dtype: Any) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
-    """Read a GGUF file: (config, params cast to `dtype`, tokenizer)."""
+    """Read a GGUF file: (config, params cast to `dtype` with Linear weights `[out, in]` as stored, tokenizer)."""
     f = GGUFFile(path)
     config = config_from_gguf(f.metadata)
     tied = "output.weight" not in f.tensors

@@ -126,7 +126,8 @@ def _set(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
 
 
 def load_hf(directory: str | os.PathLike[str], dtype: Any) -> tuple[ModelConfig, dict[str, Any], Tokenizer | None]:
-    """Read an HF model directory: (config, params cast to `dtype`, tokenizer or None if it has none)."""
+    """Read an HF model directory: (config, params cast to `dtype` with Linear weights `[out, in]` as
+    stored, tokenizer or None if it has none)."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():
