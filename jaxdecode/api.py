@@ -171,7 +171,7 @@ def _encode_prompts(model: Model, prompts: str | Sequence[str] | Sequence[Sequen
 
 @dataclass(frozen=True)
 class _Plan:
-    """Padded shapes and static settings of one generate call."""
+    """Padded shapes of one generate call."""
 
     batch: int
     prompt_len: int

@@ -117,7 +117,8 @@ def filter_logits(logits: jax.Array, settings: SamplingArrays, plan: SamplingPla
         if plan.top_p:
             probs = jax.nn.softmax(descending, axis=-1)
             before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
-            keep = before < settings.top_p[:, None]
+            # Rows with top_p = 1 keep everything: rounding can bring a float32 cumulative sum to 1 early.
+            keep = (before < settings.top_p[:, None]) | (settings.top_p[:, None] >= 1.0)
             threshold = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
             logits = jnp.where(logits < threshold, -jnp.inf, logits)
     if plan.min_p:

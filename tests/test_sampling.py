@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
@@ -48,6 +48,8 @@ settings_strategy = st.builds(
 
 @settings(max_examples=40, deadline=None)
 @given(rows=st.lists(settings_strategy, min_size=1, max_size=4), seed=st.integers(0, 2**16))
+# Found by hypothesis: a row with top-p off next to one with it on lost tail tokens to float32 rounding.
+@example(rows=[jd.Sampling(temperature=1.0, top_p=0.95), jd.Sampling(temperature=0.5)], seed=0)
 def test_filters_match_hf_per_row(rows, seed):
     logits = np.random.default_rng(seed).normal(0, 3, size=(len(rows), VOCAB)).astype(np.float32)
     arrays, plan = prepare(rows, len(rows))
