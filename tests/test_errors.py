@@ -38,15 +38,12 @@ def test_wrong_magic(tmp_path):
         jd.load(path)
 
 
-@pytest.mark.parametrize(
-    "keep_bytes, message",
-    [(20_000_000, "truncated: tensor"), (5_000, "corrupt or truncated GGUF")],  # in tensor data; in the header
-)
-def test_truncated_gguf(tmp_path, keep_bytes, message):
+@pytest.mark.parametrize("keep_bytes", [20_000_000, 5_000])  # cut in the tensor data; cut in the header
+def test_truncated_gguf(tmp_path, keep_bytes):
     path = tmp_path / "truncated.gguf"
     with open(api.embedded_model_path("smollm2-135m"), "rb") as f:
         path.write_bytes(f.read(keep_bytes))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="is a corrupt or truncated GGUF file"):
         jd.load(path)
 
 
