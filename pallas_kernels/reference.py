@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+_FEW_QUERIES = 64  # query rows per KV head (group x Tq) up to which decode-shaped dots are used
 
 
 def _attend(
@@ -35,11 +36,16 @@ def _attend(
     qg = q.reshape(batch * num_kv_heads, group * q_len, head_dim)
     kg = k.reshape(batch * num_kv_heads, kv_len, head_dim)
     vg = v.reshape(batch * num_kv_heads, kv_len, head_dim)
-    # Scores as K @ q^T ([N, S, G*Tq]): XLA's CPU dot reads K row-major and contracted on its last axis
-    # about 1.5x faster than the q @ K^T form at decode shapes (8 x 3 KV heads x 1152 slots: 0.36 vs 0.58 ms).
-    scores = lax.dot_general(kg, qg, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32) * scale
-    scores = scores.reshape(batch, num_kv_heads, kv_len, group, q_len)
-    scores = jnp.moveaxis(scores, 2, -1)  # [B, Hkv, G, Tq, S]
+    if group * q_len <= _FEW_QUERIES:
+        # Decode / verify: scores as K @ q^T ([N, S, G*Tq]). XLA's CPU dot reads K row-major contracted on
+        # its last axis about 1.5x faster than in the q @ K^T form (8 x 3 KV heads x 1152 slots: 0.36 vs
+        # 0.58 ms); with many queries (prefill) the transpose back costs more than that saves.
+        scores = lax.dot_general(kg, qg, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+        scores = jnp.moveaxis(scores.reshape(batch, num_kv_heads, kv_len, group, q_len), 2, -1)
+    else:
+        scores = jnp.einsum("ntd,nsd->nts", qg, kg, preferred_element_type=jnp.float32)
+        scores = scores.reshape(batch, num_kv_heads, group, q_len, kv_len)
+    scores = scores * scale  # [B, Hkv, G, Tq, S]
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
