@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers.decoders import DecodeStream
 
 from .attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from .config import ModelConfig
@@ -47,10 +48,6 @@ class Model:
     source: str = ""
     attention: str = "xla"
     executables: dict[Any, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.params["embed"].dtype
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -326,18 +323,14 @@ def stream(
         (model.params, state, arrays),
         donate=("state",),
     )
-    tokenizer = model.tokenizer
-    generated: list[int] = []
-    emitted = ""
+    # tokenizers' incremental decoder: each step costs one token, not a re-decode of all text so far,
+    # and it returns None while a multi-byte character is still incomplete.
+    decoder = DecodeStream(skip_special_tokens=True)
     for i in range(max_new_tokens):
         if i:
             state = step_exe(model.params, state, arrays)
         if bool(state.done[0]):
             return
-        generated.append(int(state.last_token[0]))
-        text = tokenizer.decode(generated) if tokenizer is not None else ""
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of its bytes
-            yield StreamPiece(generated[-1], "")
-            continue
-        piece, emitted = text[len(emitted) :], text
-        yield StreamPiece(generated[-1], piece)
+        token = int(state.last_token[0])
+        text = decoder.step(model.tokenizer.backend, token) if model.tokenizer is not None else None
+        yield StreamPiece(token, text or "")

@@ -171,6 +171,20 @@ def _hf_activation(name: str) -> str:
     return mapping[name]
 
 
+def _layernorm_settings(hf: dict[str, Any], *, norm_bias: bool, linear_bias: bool) -> dict[str, Any]:
+    """What the LayerNorm families (Falcon, BLOOM, MPT, GPT-BigCode) share: LayerNorm, a plain MLP, and
+    biases on every linear layer or on none."""
+    return dict(
+        norm="layer",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        norm_bias=norm_bias,
+        mlp="plain",
+        qkv_bias=linear_bias,
+        out_bias=linear_bias,
+        mlp_bias=linear_bias,
+    )
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Map a Hugging Face `config.json` (as a dict) to a `ModelConfig`."""
     model_type = hf.get("model_type")
@@ -249,14 +263,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             head_dim=d_model // heads,
             ffn_dim=hf.get("ffn_hidden_size") or 4 * d_model,
             max_seq_len=hf.get("max_position_embeddings", 2048),
-            norm="layer",
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            norm_bias=True,
-            mlp="plain",
+            **_layernorm_settings(hf, norm_bias=True, linear_bias=bool(hf.get("bias", False))),
             activation=_hf_activation(hf.get("activation", "gelu")),
-            qkv_bias=bool(hf.get("bias", False)),
-            out_bias=bool(hf.get("bias", False)),
-            mlp_bias=bool(hf.get("bias", False)),
             rope_theta=theta,
             rope_scaling=scaling,
             parallel_block=bool(hf.get("parallel_attn", True)),
@@ -278,14 +286,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             head_dim=d_model // heads,
             ffn_dim=4 * d_model,
             max_seq_len=hf.get("seq_length", 2048),
-            norm="layer",
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            norm_bias=True,
-            mlp="plain",
+            **_layernorm_settings(hf, norm_bias=True, linear_bias=True),
             activation="gelu_tanh",
-            qkv_bias=True,
-            out_bias=True,
-            mlp_bias=True,
             position="alibi",
             alibi_scheme="bloom",
             embed_norm=True,
@@ -311,10 +313,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             head_dim=d_model // heads,
             ffn_dim=4 * d_model,  # as HF's MptMLP, which ignores expansion_ratio
             max_seq_len=hf.get("max_seq_len", 2048),
-            norm="layer",
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            norm_bias=False,
-            mlp="plain",
+            **_layernorm_settings(hf, norm_bias=False, linear_bias=False),
             activation="gelu",
             position="alibi",
             alibi_scheme="mpt",
@@ -338,14 +337,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             head_dim=d_model // heads,
             ffn_dim=hf.get("n_inner") or 4 * d_model,
             max_seq_len=hf.get("n_positions", 2048),
-            norm="layer",
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            norm_bias=True,
-            mlp="plain",
+            **_layernorm_settings(hf, norm_bias=True, linear_bias=True),
             activation=_hf_activation(hf.get("activation_function", "gelu_pytorch_tanh")),
-            qkv_bias=True,
-            out_bias=True,
-            mlp_bias=True,
             position="learned",
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )

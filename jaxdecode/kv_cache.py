@@ -21,14 +21,6 @@ class KVCache(NamedTuple):
     values: tuple[jax.Array, ...]  # same
     lengths: jax.Array  # int32 [batch]
 
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens."""

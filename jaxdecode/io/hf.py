@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from safetensors import safe_open
 
@@ -143,10 +143,12 @@ def load_hf(directory: str | os.PathLike[str], dtype: Any) -> tuple[ModelConfig,
                 for pattern, target in names:
                     m = pattern.fullmatch(short)
                     if m:
-                        _set(params, target.format(*m.groups()), f.get_tensor(name))
+                        # Norm weights are our `scale`, whatever the family calls them.
+                        path = re.sub(r"norm/weight$", "norm/scale", target.format(*m.groups()))
+                        _set(params, path, f.get_tensor(name))
                         break
     _finish(params, config, hf)
-    params = _map_tree(params, lambda a: np.asarray(a, dtype=np.float32).astype(dtype))
+    params = jax.tree.map(lambda a: np.asarray(a, dtype=np.float32).astype(dtype), params)
     tokenizer = None
     if (directory / "tokenizer.json").exists():
         eos = hf.get("eos_token_id")
@@ -156,39 +158,19 @@ def load_hf(directory: str | os.PathLike[str], dtype: Any) -> tuple[ModelConfig,
 
 
 def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any]) -> None:
-    """Split fused QKV, rename MPT's LayerNorm weights, check that every expected tensor is there."""
+    """Split fused QKV projections, check that every expected tensor is there."""
     layout = _qkv_layout(config, hf)
     for i in range(config.num_layers):
         layer = params.get(f"layer_{i}")
         if layer is None:
             raise ValueError(f"checkpoint has no weights for layer {i} of {config.num_layers}")
         attn = layer["attn"]
-        if "qkv" in attn:
-            fused = attn.pop("qkv")
-            for part, (q, k, v) in ((p, split_qkv(fused[p], config, layout)) for p in fused):
-                for proj, value in zip("qkv", (q, k, v)):
-                    attn.setdefault(proj, {})[part] = value
-    for norm in _norms(params):
-        if "weight" in norm:
-            norm["scale"] = norm.pop("weight")
+        for part, fused in attn.pop("qkv", {}).items():  # part: "weight" or "bias"
+            for proj, value in zip("qkv", split_qkv(fused, config, layout)):
+                attn.setdefault(proj, {})[part] = value
     if config.tie_embeddings:
         params.pop("lm_head", None)
     elif "lm_head" not in params:
         raise ValueError("config says tie_word_embeddings=False but the checkpoint has no lm_head.weight")
     if "embed" not in params:
         raise ValueError("checkpoint has no token embedding")
-
-
-def _norms(params: dict[str, Any]) -> list[dict[str, Any]]:
-    found = []
-    for key, value in params.items():
-        if isinstance(value, dict):
-            if key.endswith("norm"):
-                found.append(value)
-            else:
-                found.extend(_norms(value))
-    return found
-
-
-def _map_tree(tree: dict[str, Any], fn: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
-    return {k: _map_tree(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}

@@ -47,10 +47,6 @@ class Tokenizer:
     chat_template: str | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text).ids
 
