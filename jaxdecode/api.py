@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from .attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from .attention import resolve as resolve_attention
 from .config import ModelConfig
 from .generate import decode_loop, decode_step, prefill
 from .io.gguf import load_gguf
@@ -46,7 +46,7 @@ class Model:
     params: Params
     tokenizer: Tokenizer | None
     source: str = ""
-    attention: str = "xla"
+    attention: str = "auto"
     executables: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def require_tokenizer(self) -> Tokenizer:
@@ -83,18 +83,19 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     )
 
 
-def load(source: str | os.PathLike[str], *, dtype: str = "float32", attention: str = "xla") -> Model:
+def load(source: str | os.PathLike[str], *, dtype: str = "float32", attention: str = "auto") -> Model:
     """Load a model.
 
     Args:
       source: "smollm2-135m" (embedded), a `.gguf` file, or an HF directory (config.json + safetensors).
       dtype: "float32" or "bfloat16" for the weights, the activations and the KV cache.
-      attention: the attention implementation ("xla").
+      attention: "auto" (Pallas kernels on TPU / GPU, XLA on CPU), "xla", "pallas" (the kernel of this
+        platform, an error where there is none) or "interpret" (the TPU kernel in Pallas interpret mode,
+        for checking the kernels on CPU; slow). See `jaxdecode/attention.py`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention {attention!r}; use one of: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    backend = resolve_attention(attention, dtype)
     path = resolve_source(source)
     np_dtype = np.dtype(DTYPES[dtype])
     if path.is_dir():
@@ -102,7 +103,7 @@ def load(source: str | os.PathLike[str], *, dtype: str = "float32", attention: s
     else:
         config, params, tokenizer = load_gguf(path, np_dtype)
     params = jax.tree.map(jnp.asarray, linear_weights_to_in_out(params))
-    return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), attention=attention)
+    return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), attention=backend)
 
 
 _apply_jit = jax.jit(apply, static_argnames=("config", "prefill", "attention_impl"))

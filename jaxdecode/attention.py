@@ -1,9 +1,14 @@
 """The one attention dispatch seam of the model.
 
 Every attention call of every family goes through `prefill_attention` (causal self-attention among
-new tokens, no cache read) or `cached_attention` (a few new queries against the KV cache). Today the
-only implementation is XLA (`pallas_kernels.reference`); Pallas kernels plug in here, chosen by the
-static `impl` name, without the model changing.
+new tokens, no cache read) or `cached_attention` (a few new queries against the KV cache), both
+served by `pallas_kernels` with a static backend name:
+
+- "auto": per lowering platform, the Mosaic TPU kernel on TPU, the Mosaic GPU kernel on CUDA (XLA
+  where it does not apply, e.g. float32), XLA on CPU. The default.
+- "xla": XLA everywhere.
+- "tpu" / "gpu": that Pallas kernel (what `jd.load(attention="pallas")` resolves to on its platform).
+- "interpret": the Pallas TPU kernel in interpret mode (runs on CPU; slow, for tests).
 """
 
 from __future__ import annotations
@@ -12,12 +17,7 @@ import jax
 
 import pallas_kernels
 
-IMPLEMENTATIONS = ("xla",)
-
-
-def _check(impl: str) -> None:
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
+BACKENDS = pallas_kernels.BACKENDS
 
 
 def prefill_attention(
@@ -28,14 +28,15 @@ def prefill_attention(
     scale: float,
     alibi_slopes: jax.Array | None = None,
     window: int | None = None,
-    impl: str = "xla",
+    impl: str = "auto",
 ) -> jax.Array:
     """Causal attention among T new tokens. q `[B, Hq, T, D]`, k/v `[B, Hkv, T, D]` -> `[B, Hq, T, D]`.
 
     Right padding needs no mask: a valid query never sees a later (padding) key.
     """
-    _check(impl)
-    return pallas_kernels.flash_attention(q, k, v, causal=True, alibi_slopes=alibi_slopes, window=window, scale=scale)
+    return pallas_kernels.flash_attention(
+        q, k, v, causal=True, alibi_slopes=alibi_slopes, window=window, scale=scale, backend=impl
+    )
 
 
 def cached_attention(
@@ -48,11 +49,37 @@ def cached_attention(
     alibi_slopes: jax.Array | None = None,
     window: int | None = None,
     sinks: int = 0,
-    impl: str = "xla",
+    impl: str = "auto",
 ) -> jax.Array:
     """Tq new queries `[B, Hq, Tq, D]` against the cache `[B, Hkv, S, D]`; the last query of row b sits
     at `lengths[b] - 1`. Returns `[B, Hq, Tq, D]`."""
-    _check(impl)
     return pallas_kernels.decode_attention(
-        q, k_cache, v_cache, lengths, scale=scale, alibi_slopes=alibi_slopes, window=window, sinks=sinks
+        q, k_cache, v_cache, lengths, scale=scale, alibi_slopes=alibi_slopes, window=window, sinks=sinks, backend=impl
+    )
+
+
+def resolve(choice: str, dtype: str) -> str:
+    """The backend for a user's `attention=` choice ("auto", "xla", "pallas", "interpret") on this machine.
+
+    "pallas" means the kernel of the default JAX platform, and is refused where none exists (CPU) or the
+    GPU kernel cannot take the dtype, rather than silently running something else.
+    """
+    choices = ("auto", "xla", "pallas", "interpret")
+    if choice not in choices:
+        raise ValueError(f"unknown attention {choice!r}; use one of: {', '.join(choices)}")
+    if choice != "pallas":
+        return choice
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "tpu"
+    if platform == "gpu":
+        if dtype == "float32":
+            raise ValueError(
+                "attention='pallas' on GPU needs dtype='bfloat16' (tensor-core MMA has no float32 inputs); "
+                "use attention='auto' to fall back to XLA for float32"
+            )
+        return "gpu"
+    raise ValueError(
+        f"attention='pallas' needs a TPU or CUDA GPU, and JAX runs on {platform}; "
+        "use attention='interpret' to run the kernels on CPU, or 'auto'"
     )

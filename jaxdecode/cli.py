@@ -37,6 +37,12 @@ def _enable_compilation_cache() -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded name, .gguf file or HF directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "xla", "pallas", "interpret"],
+        help="attention kernels: auto (Pallas on TPU/GPU, XLA on CPU), xla, pallas, interpret (slow, CPU check)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -76,7 +82,7 @@ def _generate(args: argparse.Namespace) -> None:
     import jaxdecode as jd
 
     sampling = _sampling(args)  # validate settings before the slow load
-    model = jd.load(args.model, dtype=args.dtype)
+    model = jd.load(args.model, dtype=args.dtype, attention=args.attention)
     prompt = args.prompt
     if args.chat:
         prompt = model.require_tokenizer().apply_chat_template([{"role": "user", "content": prompt}])
@@ -103,7 +109,7 @@ def _chat(args: argparse.Namespace) -> None:
     import jaxdecode as jd
 
     sampling = _sampling(args)
-    model = jd.load(args.model, dtype=args.dtype)
+    model = jd.load(args.model, dtype=args.dtype, attention=args.attention)
     tokenizer = model.require_tokenizer()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()

@@ -70,7 +70,7 @@ def prefill(
     buffer_size: int,
     cache_len: int,
     stop_ids: tuple[int, ...] = (),
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
 ) -> DecodeState:
     """Run the prompts through the model and sample the first new token of each row.
 
@@ -118,7 +118,7 @@ def decode_step(
     *,
     plan: SamplingPlan,
     stop_ids: tuple[int, ...] = (),
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
 ) -> DecodeState:
     """Feed each row's last token, sample the next one."""
     cache = state.kv_cache
@@ -144,7 +144,7 @@ def decode_loop(
     *,
     plan: SamplingPlan,
     stop_ids: tuple[int, ...] = (),
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
 ) -> DecodeState:
     """Decode until every row has stopped or `max_new_tokens` (<= the buffer size; may be traced) are out."""
     limit = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), state.tokens.shape[1])
@@ -168,7 +168,7 @@ def generate_tokens(
     max_new_tokens: int,
     sampling: Sampling | Sequence[Sampling] = Sampling(),
     stop_ids: tuple[int, ...] = (),
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` per row: the jittable core of `jaxdecode.generate`.
 

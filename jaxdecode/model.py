@@ -96,7 +96,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.A
 
 class Attention(nn.Module):
     config: ModelConfig
-    impl: str = "xla"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -152,7 +152,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     config: ModelConfig
-    impl: str = "xla"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, positions, layer_cache, prefill):
@@ -170,7 +170,7 @@ class Decoder(nn.Module):
     """Token ids in, logits out. See `apply` for the calling convention."""
 
     config: ModelConfig
-    impl: str = "xla"
+    impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -225,7 +225,7 @@ def apply(
     *,
     prefill: bool = False,
     logits_at: jax.Array | None = None,
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder.
 
@@ -254,4 +254,4 @@ def apply(
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
     """Random parameters (normal, std 0.02) for `config`, e.g. for tests or a toy draft model."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return Decoder(config, "xla", dtype).init(key, tokens, tokens)["params"]
+    return Decoder(config, "auto", dtype).init(key, tokens, tokens)["params"]

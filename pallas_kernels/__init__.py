@@ -1,9 +1,15 @@
-"""Attention kernels for decoding and prefill.
+"""Attention kernels for decoding (split-KV, Flash-Decoding) and prefill (FlashAttention), with a
+Mosaic TPU kernel, a Mosaic GPU kernel, an XLA reference and Pallas interpret mode behind two entry
+points. This package knows nothing of `jaxdecode`.
 
-This package knows nothing of `jaxdecode`. Today it holds the XLA reference implementations, which
-are also the CPU path; the Pallas TPU and GPU kernels plug in behind the same two entry points.
+- `common.py`: the problem both kernels solve (query rows, visibility, split heuristic, combine).
+- `tpu.py`: the Pallas TPU kernel (also what `backend="interpret"` runs).
+- `gpu.py`: the Pallas Mosaic GPU kernel (Hopper wgmma).
+- `reference.py`: XLA, the CPU path and the semantics.
+- `dispatch.py`: `decode_attention`, `flash_attention` and the per-platform choice.
 """
 
-from .reference import decode_attention, flash_attention
+from .common import num_splits_heuristic
+from .dispatch import BACKENDS, decode_attention, default_num_splits, flash_attention
 
-__all__ = ["decode_attention", "flash_attention"]
+__all__ = ["BACKENDS", "decode_attention", "default_num_splits", "flash_attention", "num_splits_heuristic"]

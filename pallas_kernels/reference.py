@@ -1,7 +1,8 @@
-"""XLA reference attention: the semantics every kernel must match, and the CPU path.
+"""XLA attention: the semantics every kernel must match, and the CPU path.
 
-Scores and softmax are computed in float32 whatever the input dtype. A fully masked query row
-(only possible for padding queries) gets a uniform distribution rather than NaN.
+Scores and softmax are computed in float32 whatever the input dtype; the T x S score matrix is
+materialised (fine for XLA on CPU, which fuses it well at these sizes; the kernels tile it).
+A fully masked query row (only possible for padding queries) gets a uniform distribution, not NaN.
 """
 
 from __future__ import annotations
@@ -10,24 +11,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+from .common import MASKED, Problem
+
 _FEW_QUERIES = 64  # query rows per KV head (group x Tq) up to which decode-shaped dots are used
 
 
-def _attend(
+def attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     q_positions: jax.Array,
     kv_valid: jax.Array,
-    *,
-    scale: float,
+    problem: Problem,
     alibi_slopes: jax.Array | None,
-    window: int | None,
-    sinks: int,
-    softcap: float | None,
 ) -> jax.Array:
     """q `[B, Hq, Tq, D]`, k/v `[B, Hkv, S, D]`, q_positions int32 `[B, Tq]`, kv_valid int32 `[B]`."""
+    scale, window, sinks, softcap = problem.scale, problem.window, problem.sinks, problem.softcap
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -59,84 +58,7 @@ def _attend(
         if sinks:
             in_window = in_window | (k_pos < sinks)
         mask = mask & in_window
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    scores = jnp.where(mask[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).reshape(batch * num_kv_heads, group * q_len, kv_len)
     out = jnp.einsum("nts,nsd->ntd", probs.astype(v.dtype), vg, preferred_element_type=jnp.float32)
     return out.reshape(batch, num_heads, q_len, head_dim).astype(q.dtype)
-
-
-def decode_attention(
-    q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    scale: float | None = None,
-    alibi_slopes: jax.Array | None = None,
-    window: int | None = None,
-    sinks: int = 0,
-    softcap: float | None = None,
-) -> jax.Array:
-    """Attention of a few new queries against a KV cache.
-
-    Args:
-      q: `[B, Hq, Tq, D]`, the Tq newest positions of each row; the last sits at `lengths - 1`,
-        and they are causal among themselves.
-      k_cache, v_cache: `[B, Hkv, S, D]` with `Hq % Hkv == 0` (GQA, MQA when Hkv = 1).
-      lengths: int32 `[B]`, valid cache entries per row, the Tq new ones included.
-      scale: score scale, default `D ** -0.5`.
-      alibi_slopes: float `[Hq]`; adds `slope * (key_pos - query_pos)` to the scores.
-      window: a query at p sees keys in `(p - window, p]`; with `sinks`, keys `< sinks` stay visible.
-      softcap: scores become `softcap * tanh(scores / softcap)`.
-
-    Returns:
-      `[B, Hq, Tq, D]` in q's dtype.
-    """
-    q_len = q.shape[2]
-    q_positions = lengths[:, None] - q_len + jnp.arange(q_len, dtype=jnp.int32)[None, :]
-    return _attend(
-        q,
-        k_cache,
-        v_cache,
-        q_positions,
-        lengths,
-        scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        alibi_slopes=alibi_slopes,
-        window=window,
-        sinks=sinks,
-        softcap=softcap,
-    )
-
-
-def flash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    causal: bool = True,
-    lengths: jax.Array | None = None,
-    alibi_slopes: jax.Array | None = None,
-    window: int | None = None,
-    scale: float | None = None,
-) -> jax.Array:
-    """Prefill self-attention. q `[B, Hq, T, D]`, k/v `[B, Hkv, T, D]`; `lengths` int32 `[B]` masks
-    keys at or past each row's length (right padding). Returns `[B, Hq, T, D]` in q's dtype."""
-    batch, _, seq, _ = q.shape
-    positions = jnp.arange(seq, dtype=jnp.int32)
-    # Non-causal: every query sees every valid key, expressed as a query position past the end.
-    q_positions = jnp.broadcast_to(positions if causal else jnp.full((seq,), seq, jnp.int32), (batch, seq))
-    valid = jnp.full((batch,), seq, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-    if not causal and (alibi_slopes is not None or window is not None):
-        raise ValueError("alibi_slopes and window need causal=True (they are defined by query positions)")
-    return _attend(
-        q,
-        k,
-        v,
-        q_positions,
-        valid,
-        scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        alibi_slopes=alibi_slopes,
-        window=window,
-        sinks=0,
-        softcap=None,
-    )
