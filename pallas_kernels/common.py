@@ -102,7 +102,8 @@ def row_slopes(alibi_slopes: jax.Array | None, problem: Problem, padded_rows: in
     """float32 `[Hkv, padded_rows]`: the ALiBi slope of each row's query head (zeros without ALiBi)."""
     if alibi_slopes is None:
         return jnp.zeros((problem.num_kv_heads, padded_rows), jnp.float32)
-    per_row = jnp.repeat(alibi_slopes.astype(jnp.float32).reshape(problem.num_kv_heads, problem.group), problem.q_len, 1)
+    per_head = alibi_slopes.astype(jnp.float32).reshape(problem.num_kv_heads, problem.group)
+    per_row = jnp.repeat(per_head, problem.q_len, axis=1)
     return jnp.pad(per_row, ((0, 0), (0, padded_rows - problem.rows)))
 
 

@@ -52,8 +52,9 @@ def _attend(q, k, v, q_offset, kv_len, alibi_slopes, problem: Problem, num_split
             splits = default_num_splits(problem, name, q.dtype) if num_splits is None else num_splits
             if name == "gpu":
                 return gpu.attend_rows(q, k, v, q_offset, kv_len, alibi_slopes, problem=problem, num_splits=splits)
+            interpret = name == "interpret"
             return tpu.attend_rows(
-                q, k, v, q_offset, kv_len, alibi_slopes, problem=problem, num_splits=splits, interpret=name == "interpret"
+                q, k, v, q_offset, kv_len, alibi_slopes, problem=problem, num_splits=splits, interpret=interpret
             )
 
         return run
@@ -101,9 +102,7 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-@functools.partial(
-    jax.jit, static_argnames=("num_splits", "scale", "window", "sinks", "softcap", "backend")
-)
+@functools.partial(jax.jit, static_argnames=("num_splits", "scale", "window", "sinks", "softcap", "backend"))
 def decode_attention(
     q: jax.Array,
     k_cache: jax.Array,

@@ -39,6 +39,25 @@ def supports(problem: Problem, dtype) -> bool:
     )
 
 
+def split_blocks(problem: Problem, q_offset, kv_len, row_block, split, blocks_per_split: int):
+    """The KV blocks a row block sees within a split, as `(kv_block(i), count)` for i in [0, count):
+    first the sink blocks, then the window up to the length (`common.visible_kv_blocks`)."""
+    t_min, t_max = common.row_block_query_range(problem, row_block, BLOCK_ROWS)
+    sink_end, window_start, end = common.visible_kv_blocks(problem, q_offset, kv_len, t_min, t_max, BLOCK_KV)
+    split_lo = split * blocks_per_split
+    split_hi = split_lo + blocks_per_split
+    lo1, hi1 = split_lo, jnp.minimum(jnp.minimum(sink_end, split_hi), end)
+    lo2 = jnp.maximum(jnp.maximum(window_start, sink_end), split_lo)
+    hi2 = jnp.minimum(end, split_hi)
+    count1 = jnp.maximum(hi1 - lo1, 0)
+    count = count1 + jnp.maximum(hi2 - lo2, 0)
+
+    def kv_block(i):
+        return jnp.where(i < count1, lo1 + i, lo2 + i - count1)
+
+    return kv_block, count
+
+
 def _kernel(
     q_offset_ref,
     kv_len_ref,
@@ -69,19 +88,7 @@ def _kernel(
     q_offset, kv_len = q_offset_ref[b], kv_len_ref[b]
     row_start = row_block * BLOCK_ROWS
 
-    # The visible KV blocks of this row block within this split: [lo1, hi1) (sinks) then [lo2, hi2).
-    t_min, t_max = common.row_block_query_range(problem, row_block, BLOCK_ROWS)
-    sink_end, window_start, end = common.visible_kv_blocks(problem, q_offset, kv_len, t_min, t_max, BLOCK_KV)
-    split_lo = split * blocks_per_split
-    split_hi = split_lo + blocks_per_split
-    lo1, hi1 = split_lo, jnp.minimum(jnp.minimum(sink_end, split_hi), end)
-    lo2 = jnp.maximum(jnp.maximum(window_start, sink_end), split_lo)
-    hi2 = jnp.minimum(end, split_hi)
-    count1 = jnp.maximum(hi1 - lo1, 0)
-    count = count1 + jnp.maximum(hi2 - lo2, 0)
-
-    def kv_block(i):
-        return jnp.where(i < count1, lo1 + i, lo2 + i - count1)
+    kv_block, count = split_blocks(problem, q_offset, kv_len, row_block, split, blocks_per_split)
 
     def fetch(i, slot):
         rows = pl.ds(kv_block(i) * BLOCK_KV, BLOCK_KV)
@@ -139,13 +146,15 @@ def _kernel(
 
     acc = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS, problem.head_dim), jnp.float32), plgpu.Layout.WGMMA)
     m = plgpu.layout_cast(jnp.full((BLOCK_ROWS,), common.MASKED, jnp.float32), row_layout)
-    l = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS,), jnp.float32), row_layout)
-    acc, m, l = lax.fori_loop(0, count, step, (acc, m, l))
+    total = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS,), jnp.float32), row_layout)
+    acc, m, total = lax.fori_loop(0, count, step, (acc, m, total))
 
-    seen = l > 0
-    safe_l = jnp.where(seen, l, 1.0)
-    o_smem[...] = (acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe_l, 0.0), acc.shape, [0])).astype(o_smem.dtype)
-    lse_smem[...] = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+    seen = total > 0  # a row that saw no key in this split: output 0, lse -inf
+    safe_total = jnp.where(seen, total, 1.0)
+    o_smem[...] = (acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe_total, 0.0), acc.shape, [0])).astype(
+        o_smem.dtype
+    )
+    lse_smem[...] = jnp.where(seen, m + jnp.log(safe_total), -jnp.inf)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, out_ref.at[n, split, pl.ds(row_start, BLOCK_ROWS)])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[n, split, pl.ds(row_start, BLOCK_ROWS)])

@@ -101,10 +101,11 @@ def _kernel(
 
     @pl.when(step == blocks_per_split - 1)
     def _finish():
-        l = l_scratch[...]
-        seen = l > 0
-        out_ref[...] = (acc_scratch[...] * jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)).astype(out_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_scratch[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        total = l_scratch[...]
+        seen = total > 0  # a row that saw no key in this split: output 0, lse -inf
+        safe_total = jnp.where(seen, total, 1.0)
+        out_ref[...] = (acc_scratch[...] * jnp.where(seen, 1.0 / safe_total, 0.0)).astype(out_ref.dtype)
+        lse_ref[...] = jnp.where(seen, m_scratch[...] + jnp.log(safe_total), -jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "num_splits", "interpret"))
@@ -136,9 +137,7 @@ def attend_rows(
     def kv_index(n_, row_block, split, step, q_offset_ref, kv_len_ref):
         b = lax.div(n_, problem.num_kv_heads)
         kv_block = jnp.minimum(split * blocks_per_split + step, num_kv_blocks - 1)
-        _, fetch = _visible_block(
-            problem, q_offset_ref[b], kv_len_ref[b], row_block, block_rows, kv_block, block_kv
-        )
+        _, fetch = _visible_block(problem, q_offset_ref[b], kv_len_ref[b], row_block, block_rows, kv_block, block_kv)
         return n_, fetch, 0
 
     out_dtype = q.dtype if num_splits == 1 else jnp.float32

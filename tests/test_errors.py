@@ -71,6 +71,16 @@ def test_bad_dtype():
         jd.load("smollm2-135m", dtype="float16")
 
 
+def test_unknown_attention():
+    with pytest.raises(ValueError, match="unknown attention 'flash'.*auto, xla, pallas, interpret"):
+        jd.load("smollm2-135m", attention="flash")
+
+
+def test_pallas_attention_without_accelerator_names_the_alternatives():
+    with pytest.raises(ValueError, match="needs a TPU or CUDA GPU, and JAX runs on cpu.*'interpret'"):
+        jd.load("smollm2-135m", attention="pallas")
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
@@ -119,6 +129,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["generate", "--prompt", "hi", "--top-p", "2"], "top_p"),
         (["generate", "--prompt", "", "--max-new-tokens", "4"], "empty prompt"),
         (["generate", "--prompt", "hi", "--max-new-tokens", "9000"], "exceeds the model's context"),
+        (["generate", "--prompt", "hi", "--attention", "pallas"], "needs a TPU or CUDA GPU"),
     ],
 )
 def test_cli_errors_are_one_line(args, message):

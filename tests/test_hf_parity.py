@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,8 +26,14 @@ def _tokens(batch: int, length: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, length), dtype=np.int32)
 
 
-def test_forward_matches_hf(family):
+# "auto" is XLA on this CPU; "interpret" runs the Pallas kernels (prefill and split-KV decode) in interpret mode.
+ATTENTION = pytest.mark.parametrize("attention", ["auto", "interpret"])
+
+
+@ATTENTION
+def test_forward_matches_hf(family, attention):
     name, hf_model, model = family
+    model = dataclasses.replace(model, attention=attention)
     tokens = _tokens(2, SEQ)
     expected = hf_logits(hf_model, tokens).numpy()
     got = np.asarray(jd.forward(model, tokens))
@@ -36,7 +44,8 @@ def test_forward_matches_hf(family):
     )
 
 
-def test_incremental_decoding_matches_full_forward(family):
+@ATTENTION
+def test_incremental_decoding_matches_full_forward(family, attention):
     """Prefill part of a ragged batch, then feed one token at a time: every logit equals the full forward."""
     _, _, model = family
     tokens = _tokens(2, SEQ, seed=2)
@@ -44,7 +53,9 @@ def test_incremental_decoding_matches_full_forward(family):
     prompt_lengths = np.array([5, 9], np.int32)
     cache = jd.init_cache(model.config, 2, 32)
     positions = np.broadcast_to(np.arange(9, dtype=np.int32), (2, 9))
-    logits, cache = jd.apply(model.params, model.config, jnp.asarray(tokens[:, :9]), positions, cache, prefill=True)
+    logits, cache = jd.apply(
+        model.params, model.config, jnp.asarray(tokens[:, :9]), positions, cache, prefill=True, attention_impl=attention
+    )
     for row, n in enumerate(prompt_lengths):
         np.testing.assert_allclose(np.asarray(logits[row, :n]), full[row, :n], rtol=0, atol=1e-4 * np.abs(full).max())
     cache = cache._replace(lengths=jnp.asarray(prompt_lengths))
@@ -52,23 +63,33 @@ def test_incremental_decoding_matches_full_forward(family):
     for step in range(SEQ - 9):
         pos = prompt_lengths + step
         next_tokens = tokens[np.arange(2), pos][:, None]
-        logits, cache = jd.apply(model.params, model.config, jnp.asarray(next_tokens), jnp.asarray(pos[:, None]), cache)
+        logits, cache = jd.apply(
+            model.params,
+            model.config,
+            jnp.asarray(next_tokens),
+            jnp.asarray(pos[:, None]),
+            cache,
+            attention_impl=attention,
+        )
         np.testing.assert_allclose(
             np.asarray(logits[:, 0]), full[np.arange(2), pos], rtol=0, atol=1e-4 * np.abs(full).max()
         )
     assert np.asarray(cache.lengths).tolist() == (prompt_lengths + SEQ - 9).tolist()
 
 
-def test_verify_block_matches_full_forward(family):
+@ATTENTION
+def test_verify_block_matches_full_forward(family, attention):
     """Several new queries at once against a filled cache (the speculative-verify shape)."""
     _, _, model = family
     tokens = _tokens(1, SEQ, seed=3)
     full = np.asarray(jd.forward(model, tokens))
     cache = jd.init_cache(model.config, 1, 32)
     head = np.arange(12, dtype=np.int32)[None]
-    _, cache = jd.apply(model.params, model.config, jnp.asarray(tokens[:, :12]), head, cache, prefill=True)
+    _, cache = jd.apply(
+        model.params, model.config, jnp.asarray(tokens[:, :12]), head, cache, prefill=True, attention_impl=attention
+    )
     tail = np.arange(12, SEQ, dtype=np.int32)[None]
-    logits, _ = jd.apply(model.params, model.config, jnp.asarray(tokens[:, 12:]), tail, cache)
+    logits, _ = jd.apply(model.params, model.config, jnp.asarray(tokens[:, 12:]), tail, cache, attention_impl=attention)
     np.testing.assert_allclose(np.asarray(logits), full[:, 12:], rtol=0, atol=1e-4 * np.abs(full).max())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,16 @@ def test_greedy_generation_matches_hf(model, hf):
         hf_out = hf_model.generate(torch.tensor([out.prompt_tokens[0]]), max_new_tokens=NEW_TOKENS, do_sample=False)
     assert out.tokens[0] == hf_out[0, len(out.prompt_tokens[0]) :].tolist()
     assert out.text[0].startswith(" Paris.\n\nThe answer is: 2018-01-22")
+
+
+def test_pallas_kernels_in_interpret_mode_match_xla(model):
+    """The real model through the Pallas kernels (interpret mode): same greedy tokens as XLA, a few steps."""
+    kernels = dataclasses.replace(model, attention="interpret")
+    prompts = PROMPTS[:2]
+    assert (
+        jd.generate(kernels, prompts, max_new_tokens=6, stop_ids=()).tokens
+        == jd.generate(model, prompts, max_new_tokens=6, stop_ids=()).tokens
+    )
 
 
 def test_ragged_batch_equals_each_prompt_alone(model):
