@@ -73,6 +73,12 @@ def resolve(choice: str, dtype: str) -> str:
     if platform == "tpu":
         return "tpu"
     if platform == "gpu":
+        if not pallas_kernels.gpu_kernel_runs_here():
+            device = jax.devices()[0]
+            raise ValueError(
+                f"attention='pallas' on GPU needs a Hopper GPU (sm_90, e.g. H100) for its wgmma kernel; this is "
+                f"{device.device_kind} (sm_{getattr(device, 'compute_capability', '?')}); use attention='auto'"
+            )
         if dtype == "float32":
             raise ValueError(
                 "attention='pallas' on GPU needs dtype='bfloat16' (tensor-core MMA has no float32 inputs); "

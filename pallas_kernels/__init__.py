@@ -10,6 +10,13 @@ points. This package knows nothing of `jaxdecode`.
 """
 
 from .common import num_splits_heuristic
-from .dispatch import BACKENDS, decode_attention, default_num_splits, flash_attention
+from .dispatch import BACKENDS, decode_attention, default_num_splits, flash_attention, gpu_kernel_runs_here
 
-__all__ = ["BACKENDS", "decode_attention", "default_num_splits", "flash_attention", "num_splits_heuristic"]
+__all__ = [
+    "BACKENDS",
+    "decode_attention",
+    "default_num_splits",
+    "flash_attention",
+    "gpu_kernel_runs_here",
+    "num_splits_heuristic",
+]

@@ -3,7 +3,8 @@
 Backends:
 - "auto": chosen per *lowering platform* with `lax.platform_dependent`, so one traced function lowers
   to the Mosaic TPU kernel for `tpu`, the Mosaic GPU kernel for `cuda` (XLA where that kernel does not
-  apply: float32, head_dim not a multiple of 64, S not a multiple of 64) and XLA elsewhere (CPU).
+  apply: float32, head_dim not a multiple of 64, S not a multiple of 8, a GPU other than Hopper) and
+  XLA elsewhere (CPU).
 - "xla": the reference implementation (`reference.py`).
 - "tpu", "gpu": that kernel, whatever the platform (lowers only for its own).
 - "interpret": the TPU kernel in Pallas interpret mode; runs anywhere, slowly (tests on CPU).
@@ -36,6 +37,14 @@ def _num_cores(platform: str) -> int:
     return _H100_SMS if platform == "gpu" else 1
 
 
+def gpu_kernel_runs_here() -> bool:
+    """The Mosaic GPU kernel uses Hopper's wgmma (sm_90): on a present GPU of another generation it cannot
+    run. When lowering for CUDA from a machine without a GPU, assume a Hopper target."""
+    if jax.default_backend() != "gpu":
+        return True
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
 def default_num_splits(problem: Problem, backend: str, dtype) -> int:
     """The split heuristic (`common.num_splits_heuristic`) with the backend's block sizes and cores."""
     if backend == "gpu":
@@ -65,7 +74,7 @@ def _attend(q, k, v, q_offset, kv_len, alibi_slopes, problem: Problem, num_split
 
     args = (q, k, v, q_offset, kv_len, alibi_slopes)
     if backend == "auto":
-        gpu_branch = kernel("gpu") if gpu.supports(problem, q.dtype) else xla
+        gpu_branch = kernel("gpu") if gpu.supports(problem, q.dtype) and gpu_kernel_runs_here() else xla
         return lax.platform_dependent(*args, tpu=kernel("tpu"), cuda=gpu_branch, default=xla)
     return (xla if backend == "xla" else kernel(backend))(*args)
 
