@@ -11,6 +11,11 @@ Constraints (else `supports` is False and the caller falls back to XLA): 16-bit 
 float32 operands), head_dim a multiple of 64 (128-byte swizzle) and S a multiple of 8 (TMA tiling). S
 need not be a multiple of the KV block: a TMA read past the end of K/V fills zeros, and those keys are
 masked anyway.
+
+Checked here by lowering for CUDA (tests) and by testing `split_blocks` against brute force; its
+arithmetic is `common.score_block` and the same online softmax as the TPU kernel, which interpret mode
+tests. JAX 0.10.2's Mosaic GPU interpreter cannot run it (no transposed shared-memory operands, no
+`layout_cast`), so it has not been executed without a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -161,7 +166,7 @@ def _kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "num_splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("problem", "num_splits"))
 def attend_rows(
     q: jax.Array,
     k: jax.Array,
@@ -172,7 +177,6 @@ def attend_rows(
     *,
     problem: Problem,
     num_splits: int,
-    interpret: bool = False,
 ) -> jax.Array:
     """q `[B, Hq, Tq, D]`, k/v `[B, Hkv, S, D]`, q_offset/kv_len int32 `[B]` -> `[B, Hq, Tq, D]`."""
     if not supports(problem, q.dtype):
@@ -207,7 +211,6 @@ def attend_rows(
         grid=(n, padded_rows // BLOCK_ROWS, num_splits),
         grid_names=("n", "rows", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu_interpret_params() if interpret else None,
     )
     kv_shape = (n, problem.kv_capacity, head_dim)
     out, lse = kernel(
@@ -221,9 +224,3 @@ def attend_rows(
     )
     merged = out[:, 0] if num_splits == 1 else common.combine_splits(out, lse)
     return common.rows_to_heads(merged.astype(q.dtype), batch, num_heads, q_len)
-
-
-def plgpu_interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
