@@ -6,11 +6,12 @@ out = jd.generate(model, "The capital of France is", max_new_tokens=16)
 print(out.text[0])
 """
 
-from .api import GenerationResult, Model, StreamPiece, forward, generate, load, stream
+from .api import GenerationResult, Model, StreamPiece, forward, generate, load, shard, stream
 from .config import ModelConfig, RopeScaling
 from .generate import GenerateOutput, generate_tokens
 from .kv_cache import KVCache, init_cache
 from .model import apply, init_params
+from .parallel import make_mesh
 from .sampling import Sampling
 
 __all__ = [
@@ -29,5 +30,7 @@ __all__ = [
     "init_cache",
     "init_params",
     "load",
+    "make_mesh",
+    "shard",
     "stream",
 ]

@@ -10,7 +10,7 @@ import importlib.util
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
+from . import parallel
 from .attention import resolve as resolve_attention
 from .config import ModelConfig
 from .generate import decode_loop, decode_step, prefill
@@ -47,6 +48,7 @@ class Model:
     tokenizer: Tokenizer | None
     source: str = ""
     attention: str = "auto"
+    mesh: jax.sharding.Mesh | None = None  # set by `shard`: params are in parallel.py's sharded layout
     executables: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def require_tokenizer(self) -> Tokenizer:
@@ -83,7 +85,13 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     )
 
 
-def load(source: str | os.PathLike[str], *, dtype: str = "float32", attention: str = "auto") -> Model:
+def load(
+    source: str | os.PathLike[str],
+    *,
+    dtype: str = "float32",
+    attention: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+) -> Model:
     """Load a model.
 
     Args:
@@ -92,6 +100,8 @@ def load(source: str | os.PathLike[str], *, dtype: str = "float32", attention: s
       attention: "auto" (Pallas kernels on TPU / GPU, XLA on CPU), "xla", "pallas" (the kernel of this
         platform, an error where there is none) or "interpret" (the TPU kernel in Pallas interpret mode,
         for checking the kernels on CPU; slow). See `jaxdecode/attention.py`.
+      mesh: a `make_mesh(data=..., model=...)` mesh: params go straight from the host to their shards
+        (tensor parallel over `model`, batch over `data`; see `jaxdecode/parallel.py`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
@@ -102,21 +112,54 @@ def load(source: str | os.PathLike[str], *, dtype: str = "float32", attention: s
         config, params, tokenizer = load_hf(path, np_dtype)
     else:
         config, params, tokenizer = load_gguf(path, np_dtype)
-    params = jax.tree.map(jnp.asarray, linear_weights_to_in_out(params))
-    return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), attention=backend)
+    model = Model(config, linear_weights_to_in_out(params), tokenizer, str(source), backend)
+    return shard(model, mesh) if mesh is not None else replace(model, params=jax.tree.map(jnp.asarray, model.params))
+
+
+def shard(model: Model, mesh: jax.sharding.Mesh) -> Model:
+    """The model with its params split over `mesh` (tensor parallel over `model`, see `parallel.py`).
+
+    Each device receives only its shard, from the host copy (in every process of a multi-host run).
+    Raises ValueError naming the numbers when heads or the MLP width do not divide by the mesh.
+    """
+    if model.mesh is not None:
+        raise ValueError("the model is already sharded; shard the unsharded model onto the new mesh")
+    model_size = mesh.shape[parallel.MODEL]
+    parallel.check_config(model.config, model_size)
+    host = jax.tree.map(np.asarray, model.params)
+    layout = parallel.sharded_layout(host, model.config, model_size)
+    params = parallel.place(layout, parallel.param_specs(layout), mesh)
+    return replace(model, params=params, mesh=mesh, executables={})
 
 
 _apply_jit = jax.jit(apply, static_argnames=("config", "prefill", "attention_impl"))
 
 
 def forward(model: Model, tokens: Any) -> jax.Array:
-    """Full causal forward without a cache: int32 `[B, T]` -> float32 logits `[B, T, vocab]`."""
-    tokens = jnp.asarray(tokens, jnp.int32)
+    """Full causal forward without a cache: int32 `[B, T]` -> float32 logits `[B, T, vocab]`
+    (on a mesh: split over `data` by row; `parallel.fetch` brings it to the host in every process)."""
+    tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, _ = _apply_jit(model.params, model.config, tokens, positions, attention_impl=model.attention)
-    return logits
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    if model.mesh is None:
+        return _apply_jit(model.params, model.config, tokens, positions, attention_impl=model.attention)[0]
+    batch = tokens.shape[0]
+    rows = np.resize(np.arange(batch), _round_up_to_data(model, batch))  # pad by repeating rows
+    if "forward" not in model.executables:
+        model.executables["forward"] = parallel.sharded_logits_fn(model.mesh, model.config, model.attention)
+    logits = model.executables["forward"](model.params, *_on_mesh(model, (tokens[rows], positions[rows])))
+    return logits[:batch]
+
+
+def _round_up_to_data(model: Model, batch: int) -> int:
+    data = 1 if model.mesh is None else model.mesh.shape[parallel.DATA]
+    return -(-batch // data) * data
+
+
+def _on_mesh(model: Model, tree: Any) -> Any:
+    """Per-row host inputs as the model's programs take them: global arrays split over `data` on a mesh."""
+    return tree if model.mesh is None else parallel.place_rows(tree, model.mesh)
 
 
 @dataclass
@@ -199,23 +242,33 @@ def _compiled(model: Model, name: str, fn: Any, statics: dict[str, Any], args: t
     if key in model.executables:
         return model.executables[key], 0.0
     start = time.perf_counter()
+    fn = _positional(fn)
+    if model.mesh is not None:
+        fn = parallel.sharded_generate_fn(fn, model.mesh)
     jitted = jax.jit(fn, static_argnames=tuple(statics), donate_argnames=donate)
     executable = jitted.lower(*args, **statics).compile()
     model.executables[key] = executable
     return executable, time.perf_counter() - start
 
 
-def _pad(prompts: list[list[int]], length: int) -> tuple[jax.Array, jax.Array]:
+def _pad(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.zeros((len(prompts), length), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
+    return tokens, np.asarray([len(p) for p in prompts], np.int32)
 
 
 def _start(model, prompts, max_new_tokens, sampling, seed, stop_ids):
     """Encode, pad, compile (cached) and run the prefill. Returns what the decode phase needs."""
     encoded = _encode_prompts(model, prompts)
-    plan = _plan(model, encoded, max_new_tokens)
+    if not isinstance(sampling, Sampling) and len(sampling) != len(encoded):
+        prepare(sampling, len(encoded))  # raises, naming the counts
+    # On a mesh the batch splits over `data`: pad it with copies of the first row (results dropped).
+    rows = _round_up_to_data(model, len(encoded))
+    padded = encoded + [encoded[0]] * (rows - len(encoded))
+    if not isinstance(sampling, Sampling):
+        sampling = list(sampling) + [sampling[0]] * (rows - len(encoded))
+    plan = _plan(model, padded, max_new_tokens)
     arrays, sampling_plan = prepare(sampling, plan.batch)
     if stop_ids is None:
         stop_ids = model.tokenizer.stop_ids if model.tokenizer is not None else ()
@@ -225,13 +278,14 @@ def _start(model, prompts, max_new_tokens, sampling, seed, stop_ids):
         stop_ids=tuple(int(s) for s in stop_ids),
         attention_impl=model.attention,
     )
-    tokens, lengths = _pad(encoded, plan.prompt_len)
-    key = jax.random.key(seed)
-    prefill_args = (model.params, tokens, lengths, key, arrays)
+    tokens, lengths = _pad(padded, plan.prompt_len)
+    keys = jax.random.split(jax.random.key(seed), plan.batch)
+    tokens, lengths, keys, arrays = _on_mesh(model, (tokens, lengths, keys, arrays))
+    prefill_args = (model.params, tokens, lengths, keys, arrays)
     prefill_exe, compile_s = _compiled(
         model,
         "prefill",
-        _positional(prefill),
+        prefill,
         {**statics, "buffer_size": plan.buffer_size, "cache_len": plan.cache_len},
         prefill_args,
     )
@@ -267,32 +321,26 @@ def generate(
     encoded, arrays, statics, state, compile_s, prefill_s = _start(
         model, prompts, max_new_tokens, sampling, seed, stop_ids
     )
+    limit = _on_mesh(model, np.int32(max_new_tokens))
     loop_exe, loop_compile_s = _compiled(
-        model,
-        "decode_loop",
-        _positional(decode_loop),
-        statics,
-        (model.params, state, arrays, jnp.int32(max_new_tokens)),
-        donate=("state",),
+        model, "decode_loop", decode_loop, statics, (model.params, state, arrays, limit), donate=("state",)
     )
     start = time.perf_counter()
-    state = jax.block_until_ready(loop_exe(model.params, state, arrays, jnp.int32(max_new_tokens)))
+    state = jax.block_until_ready(loop_exe(model.params, state, arrays, limit))
     decode_s = time.perf_counter() - start
 
-    tokens = np.asarray(state.tokens)
-    counts = np.asarray(state.num_tokens)
-    done = np.asarray(state.done)
+    tokens, counts, done, steps = (parallel.fetch(x) for x in (state.tokens, state.num_tokens, state.done, state.step))
     generated = [tokens[i, : counts[i]].tolist() for i in range(len(encoded))]
     text = [model.tokenizer.decode(g) for g in generated] if model.tokenizer is not None else [""] * len(generated)
     return GenerationResult(
         tokens=generated,
         text=text,
         prompt_tokens=encoded,
-        finish_reasons=["stop" if d else "length" for d in done],
+        finish_reasons=["stop" if d else "length" for d in done[: len(encoded)]],
         prefill_s=prefill_s,
         decode_s=decode_s,
         compile_s=compile_s + loop_compile_s,
-        decode_steps=int(state.step),
+        decode_steps=int(steps),
     )
 
 
@@ -317,12 +365,7 @@ def stream(
     """
     _, arrays, statics, state, _, _ = _start(model, prompt, max_new_tokens, sampling, seed, stop_ids)
     step_exe, _ = _compiled(
-        model,
-        "decode_step",
-        _positional(decode_step),
-        statics,
-        (model.params, state, arrays),
-        donate=("state",),
+        model, "decode_step", decode_step, statics, (model.params, state, arrays), donate=("state",)
     )
     # tokenizers' incremental decoder: each step costs one token, not a re-decode of all text so far,
     # and it returns None while a multi-byte character is still incomplete.

@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import parallel as par
 from .config import ModelConfig
 from .kv_cache import KVCache, init_cache
 from .model import Params, apply
+from .parallel import Parallel
 from .sampling import Sampling, SamplingArrays, SamplingPlan, prepare, sample
 
 
@@ -33,7 +35,7 @@ class DecodeState(NamedTuple):
     num_tokens: jax.Array  # int32 [B], tokens before the row's first stop token
     done: jax.Array  # bool [B], the row has produced a stop token
     seen: jax.Array | None  # bool [B, V], tokens in prompt or output (only for the repetition penalty)
-    key: jax.Array
+    keys: jax.Array  # [B] random keys, one per row: a row's draws do not depend on how the batch is split
 
 
 class GenerateOutput(NamedTuple):
@@ -58,12 +60,34 @@ def _record(state: DecodeState, token: jax.Array, stop_ids: tuple[int, ...]) -> 
     )
 
 
+def next_tokens(
+    logits: jax.Array,
+    vocab_size: int,
+    keys: jax.Array,
+    step: jax.Array,
+    sampling: SamplingArrays,
+    plan: SamplingPlan,
+    seen: jax.Array | None,
+    parallel: Parallel | None,
+) -> jax.Array:
+    """Tokens int32 `[B]` from the new position's logits `[B, V]` (vocab-sharded under `parallel`).
+
+    Greedy batches under tensor parallelism take the distributed argmax; anything else gathers the
+    logits, and every model shard draws the same numbers because the per-row keys are replicated.
+    """
+    if parallel is not None and plan.all_greedy and not plan.repetition_penalty:
+        return par.argmax_tokens(logits, parallel)
+    logits = par.gather_vocab(logits, vocab_size, parallel)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    return sample(logits, step_keys, sampling, plan, seen)
+
+
 def prefill(
     params: Params,
     config: ModelConfig,
     prompt_tokens: jax.Array,
     prompt_lengths: jax.Array,
-    key: jax.Array,
+    keys: jax.Array,
     sampling: SamplingArrays,
     *,
     plan: SamplingPlan,
@@ -71,14 +95,18 @@ def prefill(
     cache_len: int,
     stop_ids: tuple[int, ...] = (),
     attention_impl: str = "auto",
+    parallel: Parallel | None = None,
 ) -> DecodeState:
     """Run the prompts through the model and sample the first new token of each row.
 
-    prompt_tokens int32 `[B, T]` right-padded; prompt_lengths int32 `[B]` (>= 1). The cache holds
-    `cache_len` slots, which must be >= T + buffer_size.
+    prompt_tokens int32 `[B, T]` right-padded; prompt_lengths int32 `[B]` (>= 1); keys: `[B]` random
+    keys (e.g. `jax.random.split(key, B)`). The cache holds `cache_len` slots, which must be
+    >= T + buffer_size.
     """
     batch, steps = prompt_tokens.shape
-    cache = init_cache(config, batch, cache_len, params["embed"].dtype)
+    cache = init_cache(
+        config, batch, cache_len, params["embed"].dtype, par.local_kv_heads(config.num_kv_heads, parallel)
+    )
     positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (batch, steps))
     logits, cache = apply(
         params,
@@ -89,6 +117,7 @@ def prefill(
         prefill=True,
         logits_at=prompt_lengths - 1,
         attention_impl=attention_impl,
+        parallel=parallel,
     )
     cache = cache._replace(lengths=prompt_lengths.astype(jnp.int32))
     seen = None
@@ -104,9 +133,9 @@ def prefill(
         num_tokens=jnp.zeros((batch,), jnp.int32),
         done=jnp.zeros((batch,), bool),
         seen=seen,
-        key=key,
+        keys=keys,
     )
-    token = sample(logits, jax.random.fold_in(key, 0), sampling, plan, seen)
+    token = next_tokens(logits, config.vocab_size, keys, state.step, sampling, plan, seen, parallel)
     return _record(state, token, stop_ids)
 
 
@@ -119,6 +148,7 @@ def decode_step(
     plan: SamplingPlan,
     stop_ids: tuple[int, ...] = (),
     attention_impl: str = "auto",
+    parallel: Parallel | None = None,
 ) -> DecodeState:
     """Feed each row's last token, sample the next one."""
     cache = state.kv_cache
@@ -130,8 +160,9 @@ def decode_step(
         cache,
         logits_at=jnp.zeros_like(cache.lengths),
         attention_impl=attention_impl,
+        parallel=parallel,
     )
-    token = sample(logits, jax.random.fold_in(state.key, state.step), sampling, plan, state.seen)
+    token = next_tokens(logits, config.vocab_size, state.keys, state.step, sampling, plan, state.seen, parallel)
     return _record(state._replace(kv_cache=cache), token, stop_ids)
 
 
@@ -145,15 +176,26 @@ def decode_loop(
     plan: SamplingPlan,
     stop_ids: tuple[int, ...] = (),
     attention_impl: str = "auto",
+    parallel: Parallel | None = None,
 ) -> DecodeState:
     """Decode until every row has stopped or `max_new_tokens` (<= the buffer size; may be traced) are out."""
     limit = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), state.tokens.shape[1])
 
     def cond(s: DecodeState) -> jax.Array:
-        return (s.step < limit) & ~jnp.all(s.done)
+        all_done = jnp.all(s.done)
+        if parallel is not None:  # every shard runs the same number of steps (their collectives must pair up)
+            all_done = lax.pmin(all_done.astype(jnp.int32), (parallel.data_axis, parallel.model_axis)) > 0
+        return (s.step < limit) & ~all_done
 
     step = partial(
-        decode_step, params, config, sampling=sampling, plan=plan, stop_ids=stop_ids, attention_impl=attention_impl
+        decode_step,
+        params,
+        config,
+        sampling=sampling,
+        plan=plan,
+        stop_ids=stop_ids,
+        attention_impl=attention_impl,
+        parallel=parallel,
     )
     return lax.while_loop(cond, step, state)
 
@@ -194,7 +236,7 @@ def generate_tokens(
         config,
         prompt_tokens,
         prompt_lengths,
-        key,
+        jax.random.split(key, prompt_tokens.shape[0]),
         arrays,
         buffer_size=max_new_tokens,
         cache_len=prompt_tokens.shape[1] + max_new_tokens,

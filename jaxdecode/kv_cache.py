@@ -22,9 +22,16 @@ class KVCache(NamedTuple):
     lengths: jax.Array  # int32 [batch]
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
-    """An empty cache for `batch_size` rows of up to `max_len` tokens."""
-    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+def init_cache(
+    config: ModelConfig,
+    batch_size: int,
+    max_len: int,
+    dtype: jnp.dtype = jnp.float32,
+    num_kv_heads: int | None = None,
+) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (`num_kv_heads`: a model shard's
+    KV heads, default all of them)."""
+    shape = (batch_size, config.num_kv_heads if num_kv_heads is None else num_kv_heads, max_len, config.head_dim)
     return KVCache(
         keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),

@@ -21,8 +21,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import attention
+from . import parallel as par
 from .config import ModelConfig, alibi_slopes, rope_inv_freq
 from .kv_cache import KVCache, write
+from .parallel import Parallel
 
 Params = dict[str, Any]
 
@@ -47,13 +49,17 @@ def linear_weights_to_in_out(params: Params) -> Params:
 
 
 class Linear(nn.Module):
+    """`x @ weight + bias`. With `row_parallel`, x and weight hold one model shard's slice of the input
+    features: the partial products are summed over the shards before the bias is added (once)."""
+
     features: int
     use_bias: bool = False
+    row_parallel: Parallel | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         weight = self.param("weight", _init, (x.shape[-1], self.features), x.dtype)
-        y = matmul(x, weight)
+        y = par.reduce_partial(matmul(x, weight), self.row_parallel)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), x.dtype).astype(y.dtype)
         return y
@@ -95,8 +101,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.A
 
 
 class Attention(nn.Module):
+    """Self-attention over this model shard's heads (all heads without `parallel`)."""
+
     config: ModelConfig
     impl: str = "auto"
+    parallel: Parallel | None = None
 
     @nn.compact
     def __call__(
@@ -106,19 +115,25 @@ class Attention(nn.Module):
         layer_cache: tuple[jax.Array, jax.Array] | None,
         prefill: bool,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        cfg = self.config
+        cfg, parallel = self.config, self.parallel
         batch, steps, _ = x.shape
-        q = Linear(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, name="q")(x)
-        k = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, name="k")(x)
-        v = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, name="v")(x)
+        num_heads = par.per_shard(cfg.num_heads, parallel)
+        num_kv_heads = par.local_kv_heads(cfg.num_kv_heads, parallel)
+        q = Linear(num_heads * cfg.head_dim, cfg.qkv_bias, name="q")(x)
+        k = Linear(num_kv_heads * cfg.head_dim, cfg.qkv_bias, name="k")(x)
+        v = Linear(num_kv_heads * cfg.head_dim, cfg.qkv_bias, name="v")(x)
         if cfg.qkv_clip is not None:
             q, k, v = (jnp.clip(t, -cfg.qkv_clip, cfg.qkv_clip) for t in (q, k, v))
-        q = q.reshape(batch, steps, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
+        q = q.reshape(batch, steps, num_heads, cfg.head_dim)
+        k = k.reshape(batch, steps, num_kv_heads, cfg.head_dim)
+        v = v.reshape(batch, steps, num_kv_heads, cfg.head_dim)
         if cfg.position == "rope":
             q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
-        slopes = jnp.asarray(alibi_slopes(cfg)) if cfg.position == "alibi" else None
+        slopes = None
+        if cfg.position == "alibi":
+            slopes = jnp.asarray(alibi_slopes(cfg))
+            if parallel is not None:  # this shard's heads
+                slopes = lax.dynamic_slice_in_dim(slopes, par.shard_index(parallel) * num_heads, num_heads)
         options = dict(scale=cfg.scale, alibi_slopes=slopes, window=cfg.sliding_window, impl=self.impl)
         q_heads = q.transpose(0, 2, 1, 3)  # [B, Hq, T, D]
 
@@ -130,12 +145,13 @@ class Attention(nn.Module):
         else:
             lengths = positions[:, -1] + 1
             out = attention.cached_attention(q_heads, layer_cache[0], layer_cache[1], lengths, **options)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, steps, cfg.num_heads * cfg.head_dim)
-        return Linear(cfg.d_model, cfg.out_bias, name="o")(out), layer_cache
+        out = out.transpose(0, 2, 1, 3).reshape(batch, steps, num_heads * cfg.head_dim)
+        return Linear(cfg.d_model, cfg.out_bias, parallel, name="o")(out), layer_cache
 
 
 class MLP(nn.Module):
     config: ModelConfig
+    parallel: Parallel | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -145,33 +161,39 @@ class MLP(nn.Module):
             "gelu": lambda t: jax.nn.gelu(t, approximate=False),
             "gelu_tanh": lambda t: jax.nn.gelu(t, approximate=True),
         }[cfg.activation]
-        up = Linear(cfg.ffn_dim, cfg.mlp_bias, name="up")(x)
-        hidden = act(Linear(cfg.ffn_dim, cfg.mlp_bias, name="gate")(x)) * up if cfg.mlp == "gated" else act(up)
-        return Linear(cfg.d_model, cfg.mlp_bias, name="down")(hidden)
+        width = par.per_shard(cfg.ffn_dim, self.parallel)
+        up = Linear(width, cfg.mlp_bias, name="up")(x)
+        hidden = act(Linear(width, cfg.mlp_bias, name="gate")(x)) * up if cfg.mlp == "gated" else act(up)
+        return Linear(cfg.d_model, cfg.mlp_bias, self.parallel, name="down")(hidden)
 
 
 class Block(nn.Module):
     config: ModelConfig
     impl: str = "auto"
+    parallel: Parallel | None = None
 
     @nn.compact
     def __call__(self, x, positions, layer_cache, prefill):
         cfg = self.config
         h = Norm(cfg, name="attn_norm")(x)
-        attn_out, layer_cache = Attention(cfg, self.impl, name="attn")(h, positions, layer_cache, prefill)
+        attention_layer = Attention(cfg, self.impl, self.parallel, name="attn")
+        attn_out, layer_cache = attention_layer(h, positions, layer_cache, prefill)
+        mlp = MLP(cfg, self.parallel, name="mlp")
         if cfg.parallel_block:
             mlp_in = Norm(cfg, name="mlp_norm")(x) if cfg.parallel_mlp_norm else h
-            return x + attn_out + MLP(cfg, name="mlp")(mlp_in), layer_cache
+            return x + attn_out + mlp(mlp_in), layer_cache
         x = x + attn_out
-        return x + MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x)), layer_cache
+        return x + mlp(Norm(cfg, name="mlp_norm")(x)), layer_cache
 
 
 class Decoder(nn.Module):
-    """Token ids in, logits out. See `apply` for the calling convention."""
+    """Token ids in, logits out. See `apply` for the calling convention. With `parallel`, runs as one
+    shard of a `shard_map` (see `parallel.py`): params, cache and logits are that shard's."""
 
     config: ModelConfig
     impl: str = "auto"
     dtype: Any = jnp.float32
+    parallel: Parallel | None = None
 
     @nn.compact
     def __call__(
@@ -182,9 +204,10 @@ class Decoder(nn.Module):
         prefill: bool = False,
         logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        cfg = self.config
-        embedding = self.param("embed", _init, (cfg.vocab_size, cfg.d_model), self.dtype)
-        x = jnp.take(embedding, tokens, axis=0)
+        cfg, parallel = self.config, self.parallel
+        vocab = par.per_shard(par.padded_vocab(cfg.vocab_size, parallel), parallel)
+        embedding = self.param("embed", _init, (vocab, cfg.d_model), self.dtype)
+        x = par.embed_lookup(embedding, tokens, parallel)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
         if cfg.position == "learned":
@@ -196,7 +219,7 @@ class Decoder(nn.Module):
         keys, values = [], []
         for i in range(cfg.num_layers):
             layer_cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
-            x, layer_cache = Block(cfg, self.impl, name=f"layer_{i}")(x, positions, layer_cache, prefill)
+            x, layer_cache = Block(cfg, self.impl, parallel, name=f"layer_{i}")(x, positions, layer_cache, prefill)
             if layer_cache is not None:
                 keys.append(layer_cache[0])
                 values.append(layer_cache[1])
@@ -206,10 +229,11 @@ class Decoder(nn.Module):
         x = Norm(cfg, name="final_norm")(x)
         head = embedding
         if not cfg.tie_embeddings:
-            head = self.param("lm_head", _init, (cfg.vocab_size, cfg.d_model), self.dtype)
+            head = self.param("lm_head", _init, (vocab, cfg.d_model), self.dtype)
         logits = lax.dot_general(
             x.astype(head.dtype), head, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
+        logits = par.mask_vocab_padding(logits, cfg.vocab_size, parallel)
         new_cache = None
         if kv_cache is not None:
             new_cache = KVCache(tuple(keys), tuple(values), (positions[:, -1] + 1).astype(jnp.int32))
@@ -226,6 +250,7 @@ def apply(
     prefill: bool = False,
     logits_at: jax.Array | None = None,
     attention_impl: str = "auto",
+    parallel: Parallel | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder.
 
@@ -241,12 +266,14 @@ def apply(
         cheaper than reading the whole cache, and the path the prefill kernel takes.
       logits_at: int32 `[B]`: return logits only at these indices of T, `[B, vocab]`.
       attention_impl: the attention dispatch implementation (see `attention.py`).
+      parallel: set when running as one shard inside `shard_map` (`parallel.py`); params, cache and the
+        returned logits (`[..., padded vocab / model shards]`) are then this shard's.
 
     Returns:
       (logits float32 `[B, T, vocab]` or `[B, vocab]`, the updated cache or None).
     """
     dtype = params["embed"].dtype
-    return Decoder(config, attention_impl, dtype).apply(
+    return Decoder(config, attention_impl, dtype, parallel).apply(
         {"params": params}, tokens, positions, kv_cache, prefill, logits_at
     )
 

@@ -130,18 +130,19 @@ def filter_logits(logits: jax.Array, settings: SamplingArrays, plan: SamplingPla
 
 def sample(
     logits: jax.Array,
-    key: jax.Array,
+    keys: jax.Array,
     settings: SamplingArrays,
     plan: SamplingPlan,
     seen: jax.Array | None = None,
 ) -> jax.Array:
-    """Next tokens int32 `[B]` from logits float32 `[B, V]`. `seen` bool `[B, V]` marks tokens for the
-    repetition penalty (required when the plan uses it)."""
+    """Next tokens int32 `[B]` from logits float32 `[B, V]`, drawing row b's token with `keys[b]` (`[B]`
+    keys). `seen` bool `[B, V]` marks tokens for the repetition penalty (required when the plan uses it)."""
     logits = logits.astype(jnp.float32)
     if plan.repetition_penalty:
         logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if plan.all_greedy:
         return greedy
-    sampled = jax.random.categorical(key, filter_logits(logits, settings, plan), axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, settings, plan)
+    sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
     return jnp.where(settings.temperature > 0, sampled, greedy)

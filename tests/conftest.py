@@ -1,5 +1,10 @@
 import os
 import sys
 
+# Eight virtual CPU devices for the mesh tests; must be set before JAX starts (nothing imports it earlier).
+# Everything else runs on the first device as usual.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 # Tests import helpers (hf_models.py) from this folder.
 sys.path.insert(0, os.path.dirname(__file__))

@@ -68,7 +68,7 @@ def test_sampled_distribution_matches_target():
     arrays, plan = prepare(s, 1)
     target = np.asarray(jax.nn.softmax(filter_logits(logits, arrays, plan)[0]), np.float64)
     keys = jax.random.split(jax.random.key(0), 20000)
-    draws = jax.vmap(lambda k: sample(logits, k, arrays, plan)[0])(keys)
+    draws = jax.vmap(lambda k: sample(logits, k[None], arrays, plan)[0])(keys)
     freq = np.bincount(np.asarray(draws), minlength=12) / len(keys)
     assert 0.5 * np.abs(freq - target).sum() < 0.02
     assert np.all(freq[target == 0] == 0), "a filtered-out token was sampled"
@@ -78,7 +78,9 @@ def test_greedy_rows_ignore_the_key():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(2, VOCAB)), jnp.float32)
     arrays, plan = prepare([jd.Sampling(), jd.Sampling(temperature=1.0)], 2)
     for k in range(5):
-        assert int(sample(logits, jax.random.key(k), arrays, plan)[0]) == int(jnp.argmax(logits[0]))
+        assert int(sample(logits, jax.random.split(jax.random.key(k), 2), arrays, plan)[0]) == int(
+            jnp.argmax(logits[0])
+        )
 
 
 @pytest.mark.parametrize(

@@ -24,3 +24,7 @@ def tiny_model(seed: int = 0, config: jd.ModelConfig = TINY) -> jd.Model:
     params = jd.init_params(config, jax.random.key(seed))
     params = jax.tree.map(lambda p: p * 40.0 if p.ndim == 2 else p, params)
     return jd.Model(config=config, params=params, tokenizer=None, source="tiny")
+
+
+# Prompts of different lengths for the mesh tests (also used by the 2-process worker).
+PROMPTS_FOR_MESH = [[5, 17, 33, 2, 9], [40, 3, 3, 61, 12, 8, 30, 1, 44, 7, 19], [11, 22, 60]]
