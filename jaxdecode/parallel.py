@@ -90,6 +90,11 @@ def check_config(config: ModelConfig, model_size: int) -> None:
 # Local sizes and collectives used by the model (all identity when `parallel` is None).
 
 
+def _splits_model(parallel: Parallel | None) -> bool:
+    """Whether there is anything to communicate over the model axis (a size-1 axis needs no collective)."""
+    return parallel is not None and parallel.model_size > 1
+
+
 def per_shard(count: int, parallel: Parallel | None) -> int:
     return count if parallel is None else count // parallel.model_size
 
@@ -109,12 +114,12 @@ def shard_index(parallel: Parallel) -> jax.Array:
 
 def reduce_partial(x: jax.Array, parallel: Parallel | None) -> jax.Array:
     """Sum the partial products of a row-parallel projection over the model shards."""
-    return x if parallel is None else lax.psum(x, parallel.model_axis)
+    return lax.psum(x, parallel.model_axis) if _splits_model(parallel) else x
 
 
 def embed_lookup(table: jax.Array, tokens: jax.Array, parallel: Parallel | None) -> jax.Array:
     """Rows of the (vocab-sharded) embedding table: each shard gathers the ids it holds, one psum."""
-    if parallel is None:
+    if not _splits_model(parallel):
         return jnp.take(table, tokens, axis=0)
     rows = table.shape[0]
     local = tokens - shard_index(parallel) * rows
@@ -125,7 +130,7 @@ def embed_lookup(table: jax.Array, tokens: jax.Array, parallel: Parallel | None)
 
 def mask_vocab_padding(logits: jax.Array, vocab_size: int, parallel: Parallel | None) -> jax.Array:
     """Local logits `[..., V_local]` with the padding ids (>= vocab_size) at -inf."""
-    if parallel is None or padded_vocab(vocab_size, parallel) == vocab_size:
+    if not _splits_model(parallel) or padded_vocab(vocab_size, parallel) == vocab_size:
         return logits
     ids = shard_index(parallel) * logits.shape[-1] + jnp.arange(logits.shape[-1])
     return jnp.where(ids < vocab_size, logits, -jnp.inf)
@@ -134,7 +139,7 @@ def mask_vocab_padding(logits: jax.Array, vocab_size: int, parallel: Parallel | 
 def argmax_tokens(logits: jax.Array, parallel: Parallel | None) -> jax.Array:
     """Greedy tokens int32 `[B]` from local logits `[B, V_local]`: per-shard max and index, then a
     cross-shard max and the smallest index holding it (the same tie rule as `jnp.argmax`)."""
-    if parallel is None:
+    if not _splits_model(parallel):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     best = jnp.max(logits, axis=-1)
     index = jnp.argmax(logits, axis=-1).astype(jnp.int32) + shard_index(parallel) * logits.shape[-1]
@@ -144,8 +149,8 @@ def argmax_tokens(logits: jax.Array, parallel: Parallel | None) -> jax.Array:
 
 def gather_vocab(logits: jax.Array, vocab_size: int, parallel: Parallel | None) -> jax.Array:
     """The full logits `[B, V]` on every shard (for sampling, which needs the whole distribution)."""
-    if parallel is None:
-        return logits
+    if not _splits_model(parallel):
+        return logits[..., :vocab_size]
     full = lax.all_gather(logits, parallel.model_axis, axis=logits.ndim - 1, tiled=True)
     return full[..., :vocab_size]
 
