@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="an interactive chat with the model's chat template")
     chat.add_argument("--system", default=None, help="a system message")
     _add_model_args(chat)
+    bench = sub.add_parser(
+        "bench", help="benchmark jaxdecode against HF transformers and llama.cpp on the embedded model"
+    )
+    from . import bench as bench_module
+
+    bench_module.add_arguments(bench)
     return parser
 
 
@@ -134,11 +140,17 @@ def _chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from . import bench
+
+    bench.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _enable_compilation_cache()
-        {"generate": _generate, "chat": _chat}[args.command](args)
+        {"generate": _generate, "chat": _chat, "bench": _bench}[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"jaxdecode: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -54,3 +54,37 @@ def test_chat_reads_turns_from_stdin(tmp_path):
     result = _run(["chat", "--max-new-tokens", "32"], stdin="What is the capital of France?\n", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_bench_runs_jaxdecode_and_reports_every_peer(tmp_path):
+    """A tiny decode suite: jaxdecode measured, each peer measured or skipped with a reason (never a failure),
+    JSON rows in the documented schema, and a plot."""
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", "--suite", "decode", "--peers", "hf,llamacpp", "--prompt", "16", "--new-tokens", "4"]
+    result = _run([*args, "--runs", "1", "--json", str(out), "--plot", str(png)], tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["machine"] and report["suite"] == "decode"
+    engines = [(r["engine"], r["dtype"]) for r in report["rows"]]
+    assert engines == [("jaxdecode", "float32"), ("hf", "float32"), ("hf", "bfloat16"), ("llamacpp", "q4_1")]
+    for row in report["rows"]:
+        assert (row["batch"], row["prompt"], row["new_tokens"]) == (1, 16, 4)
+        if "skipped" in row:
+            assert row["engine"] != "jaxdecode" and row["skipped"]
+            continue
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_rss_mb"):
+            assert row[key] > 0, (row["engine"], key)
+    assert "skipped" not in report["rows"][0]
+    assert "| jaxdecode | float32 | 1 | 16 |" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_bad_arguments_are_one_line(tmp_path):
+    for args, message in [
+        (["bench", "--peers", "vllm"], "unknown peer 'vllm'"),
+        (["bench", "--suite", "spec"], "not available yet"),
+        (["bench", "--dtypes", "float16"], "unsupported dtype 'float16'"),
+    ]:
+        result = _run(args, tmp_path=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

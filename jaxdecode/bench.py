@@ -1,0 +1,367 @@
+"""`jaxdecode bench`: jaxdecode side by side with its peers on the same model, prompt ids and machine.
+
+Each (engine, shape) runs in its own process: the model is loaded, one warm-up generation runs (jaxdecode
+compiles there; its compile time is reported separately), then `--runs` timed generations, medians
+reported. The engine order alternates from one shape to the next, so no engine always runs first.
+Prompts are the first N tokens of CPython's `pydoc_data` English text, the same ids for every engine;
+exactly `new_tokens` tokens are generated greedily (no stop token).
+
+Engines: jaxdecode (float32 by default, `--dtypes`), HF transformers loading the GGUF with
+`gguf_file=` (dequantised; float32 and bfloat16), llama.cpp through llama-cpp-python on the GGUF as
+stored (Q4_1), 2 threads, its AMX path disabled (it crashes on some CPUs; the AVX-512 path runs).
+A peer that is not installed, or cannot run a shape, is reported as skipped, never as a failure.
+
+Measured: prefill tokens/s, decode tokens/s (decode steps after the first token, summed over the
+batch), time to first token (prefill + first sample, after warm-up), peak resident memory of the
+engine's process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+SUITES: dict[str, dict[str, Any]] = {
+    "decode": {"batch": [1], "prompt": [128, 1024], "new_tokens": 128},
+    "batch": {"batch": [1, 4, 16], "prompt": [128], "new_tokens": 64},
+    "long": {"batch": [1], "prompt": [1024, 2048, 4096, 8000], "new_tokens": 64},
+}
+LATER_SUITES = {"quant": "the quantization issue", "spec": "the speculative-decoding issue"}
+PEERS = ("hf", "llamacpp")
+PEER_MODULES = {"hf": ("transformers", "torch"), "llamacpp": ("llama_cpp",)}
+THREADS = 2
+
+
+def prompt_ids(length: int) -> list[int]:
+    """The first `length` token ids of CPython's `pydoc_data` topics (English prose), SmolLM2 tokenizer."""
+    from pydoc_data.topics import topics
+
+    from .api import embedded_model_path
+    from .io.gguf import GGUFFile
+    from .io.tokenizer import tokenizer_from_gguf
+
+    tokenizer = tokenizer_from_gguf(GGUFFile(embedded_model_path("smollm2-135m")).metadata)
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tokenizer.encode(text[: length * 8])
+    if len(ids) < length:
+        raise SystemExit(f"not enough text for a {length}-token prompt")
+    return ids[:length]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_jaxdecode(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int) -> dict:
+    import jaxdecode as jd
+
+    model = jd.load("smollm2-135m", dtype=dtype)
+    prompts = [prompt] * batch
+    first = jd.generate(model, prompts, max_new_tokens=new_tokens, stop_ids=())
+    results = [jd.generate(model, prompts, max_new_tokens=new_tokens, stop_ids=()) for _ in range(runs)]
+    assert all(len(t) == new_tokens for t in results[0].tokens)
+    return {
+        "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in results),
+        "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in results),
+        "ttft_s": statistics.median(r.prefill_s for r in results),
+        "compile_s": first.compile_s,
+    }
+
+
+def run_hf(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    from .api import SMOLLM2_FILE, embedded_model_path
+
+    torch.set_num_threads(THREADS)
+    directory = embedded_model_path("smollm2-135m").parent
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE, dtype=getattr(torch, dtype))
+    model.eval()
+    ids = torch.tensor([prompt] * batch)
+
+    class Clock(BaseStreamer):
+        """Timestamps of generate()'s streamer calls: the prompt, then one call per new token."""
+
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def once() -> tuple[float, float, float]:
+        clock = Clock()
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(
+                ids,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                streamer=clock,
+            )
+        assert out.shape[1] == len(prompt) + new_tokens and len(clock.times) == new_tokens + 1
+        ttft = clock.times[1] - start  # prefill and the first token
+        decode = clock.times[-1] - clock.times[1]  # new_tokens - 1 decode steps
+        return batch * len(prompt) / ttft, batch * (new_tokens - 1) / decode, ttft
+
+    once()
+    timings = [once() for _ in range(runs)]
+    return {
+        "prefill_tokens_per_s": statistics.median(t[0] for t in timings),
+        "decode_tokens_per_s": statistics.median(t[1] for t in timings),
+        "ttft_s": statistics.median(t[2] for t in timings),
+    }
+
+
+def run_llamacpp(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int) -> dict:
+    import llama_cpp
+    import llama_cpp.llama_cpp as low_level
+
+    from .api import embedded_model_path
+
+    # llama.cpp's AMX buffers crash on some CPUs (BRIEF §5): keep weights in the plain AVX-512 path.
+    default_params = low_level.llama_model_default_params
+
+    def params_without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = params_without_extra_buffers
+    llm = llama_cpp.Llama(
+        model_path=str(embedded_model_path("smollm2-135m")),
+        n_ctx=len(prompt) + new_tokens + 16,
+        n_batch=512,
+        n_threads=THREADS,
+        n_threads_batch=THREADS,
+        verbose=False,
+    )
+
+    def once() -> tuple[float, float, float]:
+        llm.reset()  # no reuse of the previous run's cache for the same prompt
+        start = time.perf_counter()
+        tokens = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
+        next(tokens)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            next(tokens)
+        decode = time.perf_counter() - start
+        return len(prompt) / ttft, (new_tokens - 1) / decode, ttft
+
+    once()
+    timings = [once() for _ in range(runs)]
+    return {
+        "prefill_tokens_per_s": statistics.median(t[0] for t in timings),
+        "decode_tokens_per_s": statistics.median(t[1] for t in timings),
+        "ttft_s": statistics.median(t[2] for t in timings),
+    }
+
+
+RUNNERS = {"jaxdecode": run_jaxdecode, "hf": run_hf, "llamacpp": run_llamacpp}
+
+
+def _skip_reason(engine: str, batch: int) -> str | None:
+    missing = [m for m in PEER_MODULES.get(engine, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install -e '.[peers]')"
+    if engine == "llamacpp" and batch > 1:
+        return "llama-cpp-python generates one sequence at a time"
+    return None
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+def _engines(peers: list[str], dtypes: list[str]) -> list[tuple[str, str]]:
+    engines = [("jaxdecode", d) for d in dtypes]
+    if "hf" in peers:
+        engines += [("hf", "float32"), ("hf", "bfloat16")]
+    if "llamacpp" in peers:
+        engines.append(("llamacpp", "q4_1"))
+    return engines
+
+
+def run_suite(args: argparse.Namespace) -> list[dict]:
+    suite = SUITES[args.suite]
+    batches, prompts = args.batch or suite["batch"], args.prompt or suite["prompt"]
+    new_tokens = args.new_tokens or suite["new_tokens"]
+    engines = _engines(args.peers, args.dtypes)
+    rows, shape_index = [], 0
+    for prompt in prompts:
+        for batch in batches:
+            order = engines if shape_index % 2 == 0 else engines[::-1]
+            shape_index += 1
+            for engine, dtype in order:
+                base = {"engine": engine, "dtype": dtype, "quant": "q4_1" if engine == "llamacpp" else None}
+                base.update(batch=batch, prompt=prompt, new_tokens=new_tokens)
+                reason = _skip_reason(engine, batch)
+                if reason is None:
+                    command = [sys.executable, "-m", "jaxdecode.bench", "--child", json.dumps(base)]
+                    command += ["--runs", str(args.runs)]
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    if done.returncode == 0:
+                        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                        print(_line(rows[-1]), file=sys.stderr, flush=True)
+                        continue
+                    last_line = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                    if engine == "jaxdecode":  # our own failure is a bug, not a skipped peer
+                        raise RuntimeError(f"jaxdecode {dtype} batch {batch} prompt {prompt} failed: {last_line}")
+                    reason = "failed: " + last_line
+                rows.append({**base, "skipped": reason})
+                print(f"{engine} {dtype} batch {batch} prompt {prompt}: skipped ({reason})", file=sys.stderr)
+    return rows
+
+
+def child(spec: dict, runs: int) -> dict:
+    prompt = prompt_ids(spec["prompt"])
+    measured = RUNNERS[spec["engine"]](spec["dtype"], spec["batch"], prompt, spec["new_tokens"], runs)
+    return {**spec, **measured, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _line(r: dict) -> str:
+    return (
+        f"{r['engine']} {r['dtype']} batch {r['batch']} prompt {r['prompt']}: prefill "
+        f"{r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s, "
+        f"ttft {r['ttft_s'] * 1000:.0f} ms, peak RSS {r['peak_rss_mb']:.0f} MB"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per measured row; jaxdecode rows carry their decode ratio to each peer row of
+    the same shape."""
+    measured = [r for r in rows if "skipped" not in r]
+    peers = [(r["engine"], r["dtype"]) for r in measured if r["engine"] != "jaxdecode"]
+    peers = list(dict.fromkeys(peers))
+    header = "| engine | dtype | batch | prompt | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB |"
+    header += "".join(f" decode vs {e} {d} |" for e, d in peers)
+    lines = [header, "|" + "---|" * (8 + len(peers))]
+    for r in measured:
+        cells = [r["engine"], r["dtype"], r["batch"], r["prompt"], f"{r['prefill_tokens_per_s']:.0f}"]
+        cells += [f"{r['decode_tokens_per_s']:.1f}", f"{r['ttft_s'] * 1000:.0f}", f"{r['peak_rss_mb']:.0f}"]
+        for engine, dtype in peers:
+            ref = next(
+                (
+                    p
+                    for p in measured
+                    if (p["engine"], p["dtype"], p["batch"], p["prompt"]) == (engine, dtype, r["batch"], r["prompt"])
+                ),
+                None,
+            )
+            ratio = (
+                r["decode_tokens_per_s"] / ref["decode_tokens_per_s"] if ref and r["engine"] == "jaxdecode" else None
+            )
+            cells.append(f"{ratio:.2f}x" if ratio else "-")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += [
+        f"skipped: {r['engine']} {r['dtype']} batch {r['batch']} prompt {r['prompt']}: {r['skipped']}"
+        for r in rows
+        if "skipped" in r
+    ]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Decode tokens/s against prompt length (batch 1) and against batch size, one line per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if "skipped" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, x_key, fixed_key, fixed in ((axes[0], "prompt", "batch", 1), (axes[1], "batch", "prompt", None)):
+        if fixed is None:  # the batch plot uses the shortest prompt measured
+            fixed = min((r["prompt"] for r in measured), default=0)
+        for engine, dtype in dict.fromkeys((r["engine"], r["dtype"]) for r in measured):
+            points = sorted(
+                (r[x_key], r["decode_tokens_per_s"])
+                for r in measured
+                if (r["engine"], r["dtype"]) == (engine, dtype) and r[fixed_key] == fixed
+            )
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{engine} {dtype}")
+        ax.set_xlabel("context (prompt tokens)" if x_key == "prompt" else "batch size")
+        ax.set_ylabel("decode tokens/s (summed over the batch)")
+        ax.set_title(f"{fixed_key} = {fixed}")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M decode throughput, same machine, same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", default="decode", choices=[*SUITES, "kernels", *LATER_SUITES])
+    p.add_argument("--peers", default="hf,llamacpp", help="comma-separated: hf, llamacpp (or 'none')")
+    p.add_argument("--dtypes", default="float32", help="jaxdecode dtypes, comma-separated")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per engine and shape (median), after a warm-up")
+    p.add_argument("--batch", type=int, nargs="+", help="override the suite's batch sizes")
+    p.add_argument("--prompt", type=int, nargs="+", help="override the suite's prompt lengths")
+    p.add_argument("--new-tokens", type=int, help="override the suite's number of new tokens")
+    p.add_argument("--json", help="write {machine, rows} here")
+    p.add_argument("--plot", help="write a PNG of decode tokens/s vs context and vs batch here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The CLI's `bench` command. Raises ValueError on bad arguments (the CLI prints one line)."""
+    if args.suite in LATER_SUITES:
+        raise ValueError(f"suite {args.suite!r} is not available yet: it arrives with {LATER_SUITES[args.suite]}")
+    if args.suite == "kernels":
+        from pallas_kernels import benchmark
+
+        benchmark.main([] if args.json is None else ["--json", args.json])
+        return 0
+    args.peers = [] if args.peers in ("", "none") else args.peers.split(",")
+    unknown = [p for p in args.peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)} (comma-separated) or 'none'")
+    args.dtypes = args.dtypes.split(",")
+    bad = [d for d in args.dtypes if d not in ("float32", "bfloat16")]
+    if bad:
+        raise ValueError(f"unsupported dtype {bad[0]!r}; use float32 and/or bfloat16")
+    if args.runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install -e '.[peers]'")
+    print(f"machine: {machine()}", file=sys.stderr)
+    rows = run_suite(args)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "suite": args.suite, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":  # the per-engine child process
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", required=True)
+    parser.add_argument("--runs", type=int, default=3)
+    child_args = parser.parse_args()
+    print(json.dumps(child(json.loads(child_args.child), child_args.runs)))
