@@ -61,6 +61,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _medians(once, runs: int) -> dict:
+    """A warm-up call of `once() -> (prefill tok/s, decode tok/s, ttft s)`, then the medians of `runs` calls."""
+    once()
+    timings = [once() for _ in range(runs)]
+    return {
+        "prefill_tokens_per_s": statistics.median(t[0] for t in timings),
+        "decode_tokens_per_s": statistics.median(t[1] for t in timings),
+        "ttft_s": statistics.median(t[2] for t in timings),
+    }
+
+
 def run_jaxdecode(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int) -> dict:
     import jaxdecode as jd
 
@@ -119,13 +130,7 @@ def run_hf(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int
         decode = clock.times[-1] - clock.times[1]  # new_tokens - 1 decode steps
         return batch * len(prompt) / ttft, batch * (new_tokens - 1) / decode, ttft
 
-    once()
-    timings = [once() for _ in range(runs)]
-    return {
-        "prefill_tokens_per_s": statistics.median(t[0] for t in timings),
-        "decode_tokens_per_s": statistics.median(t[1] for t in timings),
-        "ttft_s": statistics.median(t[2] for t in timings),
-    }
+    return _medians(once, runs)
 
 
 def run_llamacpp(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int) -> dict:
@@ -164,13 +169,7 @@ def run_llamacpp(dtype: str, batch: int, prompt: list[int], new_tokens: int, run
         decode = time.perf_counter() - start
         return len(prompt) / ttft, (new_tokens - 1) / decode, ttft
 
-    once()
-    timings = [once() for _ in range(runs)]
-    return {
-        "prefill_tokens_per_s": statistics.median(t[0] for t in timings),
-        "decode_tokens_per_s": statistics.median(t[1] for t in timings),
-        "ttft_s": statistics.median(t[2] for t in timings),
-    }
+    return _medians(once, runs)
 
 
 RUNNERS = {"jaxdecode": run_jaxdecode, "hf": run_hf, "llamacpp": run_llamacpp}
@@ -205,8 +204,8 @@ def _engines(peers: list[str], dtypes: list[str]) -> list[tuple[str, str]]:
     return engines
 
 
-def run_suite(args: argparse.Namespace) -> list[dict]:
-    suite = SUITES[args.suite]
+def run_suite(args: argparse.Namespace, name: str) -> list[dict]:
+    suite = SUITES[name]
     batches, prompts = args.batch or suite["batch"], args.prompt or suite["prompt"]
     new_tokens = args.new_tokens or suite["new_tokens"]
     engines = _engines(args.peers, args.dtypes)
@@ -216,7 +215,8 @@ def run_suite(args: argparse.Namespace) -> list[dict]:
             order = engines if shape_index % 2 == 0 else engines[::-1]
             shape_index += 1
             for engine, dtype in order:
-                base = {"engine": engine, "dtype": dtype, "quant": "q4_1" if engine == "llamacpp" else None}
+                base = {"suite": name, "engine": engine, "dtype": dtype}
+                base["quant"] = "q4_1" if engine == "llamacpp" else None
                 base.update(batch=batch, prompt=prompt, new_tokens=new_tokens)
                 reason = _skip_reason(engine, batch)
                 if reason is None:
@@ -256,18 +256,19 @@ def table(rows: list[dict]) -> str:
     measured = [r for r in rows if "skipped" not in r]
     peers = [(r["engine"], r["dtype"]) for r in measured if r["engine"] != "jaxdecode"]
     peers = list(dict.fromkeys(peers))
-    header = "| engine | dtype | batch | prompt | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB |"
+    header = "| suite | engine | dtype | batch | prompt | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB |"
     header += "".join(f" decode vs {e} {d} |" for e, d in peers)
-    lines = [header, "|" + "---|" * (8 + len(peers))]
+    lines = [header, "|" + "---|" * (9 + len(peers))]
     for r in measured:
-        cells = [r["engine"], r["dtype"], r["batch"], r["prompt"], f"{r['prefill_tokens_per_s']:.0f}"]
+        cells = [r["suite"], r["engine"], r["dtype"], r["batch"], r["prompt"], f"{r['prefill_tokens_per_s']:.0f}"]
         cells += [f"{r['decode_tokens_per_s']:.1f}", f"{r['ttft_s'] * 1000:.0f}", f"{r['peak_rss_mb']:.0f}"]
         for engine, dtype in peers:
             ref = next(
                 (
                     p
                     for p in measured
-                    if (p["engine"], p["dtype"], p["batch"], p["prompt"]) == (engine, dtype, r["batch"], r["prompt"])
+                    if (p["engine"], p["dtype"]) == (engine, dtype)
+                    and all(p[k] == r[k] for k in ("suite", "batch", "prompt"))
                 ),
                 None,
             )
@@ -297,11 +298,12 @@ def plot(rows: list[dict], path: str) -> None:
         if fixed is None:  # the batch plot uses the shortest prompt measured
             fixed = min((r["prompt"] for r in measured), default=0)
         for engine, dtype in dict.fromkeys((r["engine"], r["dtype"]) for r in measured):
-            points = sorted(
-                (r[x_key], r["decode_tokens_per_s"])
+            by_x = {  # a shape measured by two suites: one point
+                r[x_key]: r["decode_tokens_per_s"]
                 for r in measured
                 if (r["engine"], r["dtype"]) == (engine, dtype) and r[fixed_key] == fixed
-            )
+            }
+            points = sorted(by_x.items())
             if points:
                 ax.plot(*zip(*points), marker="o", label=f"{engine} {dtype}")
         ax.set_xlabel("context (prompt tokens)" if x_key == "prompt" else "batch size")
@@ -316,7 +318,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", default="decode", choices=[*SUITES, "kernels", *LATER_SUITES])
+    p.add_argument(
+        "--suite",
+        default="decode",
+        help=f"one of {', '.join([*SUITES, 'kernels', *LATER_SUITES])}, or several of the first three with commas",
+    )
     p.add_argument("--peers", default="hf,llamacpp", help="comma-separated: hf, llamacpp (or 'none')")
     p.add_argument("--dtypes", default="float32", help="jaxdecode dtypes, comma-separated")
     p.add_argument("--runs", type=int, default=3, help="timed runs per engine and shape (median), after a warm-up")
@@ -329,9 +335,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The CLI's `bench` command. Raises ValueError on bad arguments (the CLI prints one line)."""
-    if args.suite in LATER_SUITES:
-        raise ValueError(f"suite {args.suite!r} is not available yet: it arrives with {LATER_SUITES[args.suite]}")
-    if args.suite == "kernels":
+    suites = args.suite.split(",")
+    for suite in suites:
+        if suite in LATER_SUITES:
+            raise ValueError(f"suite {suite!r} is not available yet: it arrives with {LATER_SUITES[suite]}")
+        if suite not in SUITES and suites != ["kernels"]:
+            raise ValueError(f"unknown suite {suite!r}; choose from {', '.join([*SUITES, 'kernels'])}")
+    if suites == ["kernels"]:
         from pallas_kernels import benchmark
 
         benchmark.main([] if args.json is None else ["--json", args.json])
@@ -349,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install -e '.[peers]'")
     print(f"machine: {machine()}", file=sys.stderr)
-    rows = run_suite(args)
+    rows = [row for suite in suites for row in run_suite(args, suite)]
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -75,7 +75,7 @@ def test_bench_runs_jaxdecode_and_reports_every_peer(tmp_path):
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_rss_mb"):
             assert row[key] > 0, (row["engine"], key)
     assert "skipped" not in report["rows"][0]
-    assert "| jaxdecode | float32 | 1 | 16 |" in result.stdout
+    assert "| decode | jaxdecode | float32 | 1 | 16 |" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
