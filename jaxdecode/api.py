@@ -235,7 +235,7 @@ def _plan(model: Model, prompts: list[list[int]], max_new_tokens: int) -> _Plan:
     return _Plan(len(prompts), prompt_len, buffer_size, prompt_len + buffer_size)
 
 
-def _compiled(model: Model, name: str, fn: Any, statics: dict[str, Any], args: tuple, donate: tuple[str, ...] = ()):
+def _compiled(model: Model, name: str, fn: Any, statics: dict[str, Any], args: tuple, donate: tuple[int, ...] = ()):
     """Compile `fn` for these argument shapes once per model; returns (executable, seconds spent compiling)."""
     shapes = jax.tree.map(lambda a: (a.shape, a.dtype), args)
     key = (name, tuple(sorted(statics.items())), str(shapes))
@@ -245,7 +245,9 @@ def _compiled(model: Model, name: str, fn: Any, statics: dict[str, Any], args: t
     fn = _positional(fn)
     if model.mesh is not None:
         fn = parallel.sharded_generate_fn(fn, model.mesh)
-    jitted = jax.jit(fn, static_argnames=tuple(statics), donate_argnames=donate)
+    # Donation by position: the wrappers take `*args`, so argument names would match nothing (and JAX
+    # would silently donate nothing, copying the whole KV cache on every call).
+    jitted = jax.jit(fn, static_argnames=tuple(statics), donate_argnums=donate)
     executable = jitted.lower(*args, **statics).compile()
     model.executables[key] = executable
     return executable, time.perf_counter() - start
@@ -323,7 +325,7 @@ def generate(
     )
     limit = _on_mesh(model, np.int32(max_new_tokens))
     loop_exe, loop_compile_s = _compiled(
-        model, "decode_loop", decode_loop, statics, (model.params, state, arrays, limit), donate=("state",)
+        model, "decode_loop", decode_loop, statics, (model.params, state, arrays, limit), donate=(1,)
     )
     start = time.perf_counter()
     state = jax.block_until_ready(loop_exe(model.params, state, arrays, limit))
@@ -364,9 +366,7 @@ def stream(
     Produces the same tokens as `generate` with the same arguments (same seed, same jitted step).
     """
     _, arrays, statics, state, _, _ = _start(model, prompt, max_new_tokens, sampling, seed, stop_ids)
-    step_exe, _ = _compiled(
-        model, "decode_step", decode_step, statics, (model.params, state, arrays), donate=("state",)
-    )
+    step_exe, _ = _compiled(model, "decode_step", decode_step, statics, (model.params, state, arrays), donate=(1,))
     # tokenizers' incremental decoder: each step costs one token, not a re-decode of all text so far,
     # and it returns None while a multi-byte character is still incomplete.
     decoder = DecodeStream(skip_special_tokens=True)
