@@ -163,3 +163,13 @@ def test_pallas_kernels_in_interpret_mode_generate_the_same_tokens(model):
     xla = jd.generate(model, prompts, max_new_tokens=12, stop_ids=())
     kernels = jd.generate(dataclasses.replace(model, attention="interpret"), prompts, max_new_tokens=12, stop_ids=())
     assert kernels.tokens == xla.tokens
+
+
+def test_decode_programs_update_the_cache_in_place(model):
+    """The decode loop and the streaming step donate their state: the compiled programs alias it to
+    their output instead of copying the KV cache on every call."""
+    jd.generate(model, _prompts([4]), max_new_tokens=3, stop_ids=())
+    list(jd.stream(model, _prompts([4])[0], max_new_tokens=3, stop_ids=()))
+    programs = {key[0]: exe for key, exe in model.executables.items()}
+    for name in ("decode_loop", "decode_step"):
+        assert "input_output_alias" in programs[name].as_text(), name
