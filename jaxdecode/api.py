@@ -145,16 +145,18 @@ def forward(model: Model, tokens: Any) -> jax.Array:
     if model.mesh is None:
         return _apply_jit(model.params, model.config, tokens, positions, attention_impl=model.attention)[0]
     batch = tokens.shape[0]
-    rows = np.resize(np.arange(batch), _round_up_to_data(model, batch))  # pad by repeating rows
+    rows = _rows_for_mesh(model, batch)
     if "forward" not in model.executables:
         model.executables["forward"] = parallel.sharded_logits_fn(model.mesh, model.config, model.attention)
     logits = model.executables["forward"](model.params, *_on_mesh(model, (tokens[rows], positions[rows])))
     return logits[:batch]
 
 
-def _round_up_to_data(model: Model, batch: int) -> int:
+def _rows_for_mesh(model: Model, batch: int) -> np.ndarray:
+    """Row indices that pad a batch to a multiple of the mesh's `data` axis by repeating rows (the
+    extra rows' results are dropped); `arange(batch)` without a mesh."""
     data = 1 if model.mesh is None else model.mesh.shape[parallel.DATA]
-    return -(-batch // data) * data
+    return np.resize(np.arange(batch), -(-batch // data) * data)
 
 
 def _on_mesh(model: Model, tree: Any) -> Any:
@@ -263,15 +265,11 @@ def _pad(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]
 def _start(model, prompts, max_new_tokens, sampling, seed, stop_ids):
     """Encode, pad, compile (cached) and run the prefill. Returns what the decode phase needs."""
     encoded = _encode_prompts(model, prompts)
-    if not isinstance(sampling, Sampling) and len(sampling) != len(encoded):
-        prepare(sampling, len(encoded))  # raises, naming the counts
-    # On a mesh the batch splits over `data`: pad it with copies of the first row (results dropped).
-    rows = _round_up_to_data(model, len(encoded))
-    padded = encoded + [encoded[0]] * (rows - len(encoded))
-    if not isinstance(sampling, Sampling):
-        sampling = list(sampling) + [sampling[0]] * (rows - len(encoded))
+    arrays, sampling_plan = prepare(sampling, len(encoded))
+    rows = _rows_for_mesh(model, len(encoded))  # on a mesh the batch splits over `data`
+    padded = [encoded[i] for i in rows]
+    arrays = jax.tree.map(lambda a: np.asarray(a)[rows], arrays)
     plan = _plan(model, padded, max_new_tokens)
-    arrays, sampling_plan = prepare(sampling, plan.batch)
     if stop_ids is None:
         stop_ids = model.tokenizer.stop_ids if model.tokenizer is not None else ()
     statics = dict(

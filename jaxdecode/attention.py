@@ -17,7 +17,7 @@ import jax
 
 import pallas_kernels
 
-BACKENDS = pallas_kernels.BACKENDS
+CHOICES = ("auto", "xla", "pallas", "interpret")  # what users pass as `attention=`
 
 
 def prefill_attention(
@@ -64,9 +64,8 @@ def resolve(choice: str, dtype: str) -> str:
     "pallas" means the kernel of the default JAX platform, and is refused where none exists (CPU) or the
     GPU kernel cannot take the dtype, rather than silently running something else.
     """
-    choices = ("auto", "xla", "pallas", "interpret")
-    if choice not in choices:
-        raise ValueError(f"unknown attention {choice!r}; use one of: {', '.join(choices)}")
+    if choice not in CHOICES:
+        raise ValueError(f"unknown attention {choice!r}; use one of: {', '.join(CHOICES)}")
     if choice != "pallas":
         return choice
     platform = jax.default_backend()

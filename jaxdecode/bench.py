@@ -358,12 +358,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install -e '.[peers]'")
-    print(f"machine: {machine()}", file=sys.stderr)
+    this_machine = machine()
+    print(f"machine: {this_machine}", file=sys.stderr)
     rows = [row for suite in suites for row in run_suite(args, suite)]
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "suite": args.suite, "rows": rows}, f, indent=1)
+            json.dump({"machine": this_machine, "suite": args.suite, "rows": rows}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
     return 0

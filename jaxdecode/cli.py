@@ -40,7 +40,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attention",
         default="auto",
-        choices=["auto", "xla", "pallas", "interpret"],
         help="attention kernels: auto (Pallas on TPU/GPU, XLA on CPU), xla, pallas, interpret (slow, CPU check)",
     )
     p.add_argument("--max-new-tokens", type=int, default=128)

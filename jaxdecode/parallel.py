@@ -202,9 +202,12 @@ def sharded_layout(params: Any, config: ModelConfig, model_size: int) -> Any:
 
 def place(tree: Any, specs: Any, mesh: Mesh) -> Any:
     """Host arrays -> global arrays on the mesh, each device receiving only its shard (works across
-    processes: every process supplies the shards of its own devices from its host copy)."""
+    processes: every process supplies the shards of its own devices from its host copy). Random key
+    arrays travel as their raw key data."""
 
     def put(x, spec):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), spec), impl=jax.random.key_impl(x))
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
 
@@ -277,17 +280,8 @@ def sharded_logits_fn(mesh: Mesh, config: ModelConfig, attention_impl: str) -> A
 
 
 def place_rows(tree: Any, mesh: Mesh) -> Any:
-    """Host per-row inputs (arrays with a leading batch axis, or scalars) -> global arrays on the mesh.
-    Random key arrays travel as their raw key data."""
-
-    def put(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-        x = np.asarray(x)
-        spec = P(DATA) if x.ndim else P()
-        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
-
-    return jax.tree.map(put, tree)
+    """Host per-row inputs (arrays with a leading batch axis, or scalars) -> global arrays on the mesh."""
+    return place(tree, jax.tree.map(_row_spec, tree), mesh)
 
 
 _COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\][^\n]*? (all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\(")

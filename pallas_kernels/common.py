@@ -78,6 +78,24 @@ def num_splits_heuristic(num_blocks: int, num_cores: int, num_kv_blocks: int, ma
     return next(s for s in range(1, max_splits + 1) if eligible(s) and efficiency(s) >= 0.85 * best)
 
 
+def row_inputs(q: jax.Array, alibi_slopes: jax.Array | None, problem: Problem, padded_rows: int):
+    """What a kernel reads per row: the query rows `[B * Hkv, R_pad, D]`, each row's query index int32
+    `[R_pad]` and its ALiBi slope float32 `[Hkv, R_pad]`."""
+    return (
+        query_rows(q, problem.num_kv_heads, padded_rows),
+        row_query_index(problem, padded_rows),
+        row_slopes(alibi_slopes, problem, padded_rows),
+    )
+
+
+def heads_output(out: jax.Array, lse: jax.Array, q: jax.Array) -> jax.Array:
+    """A kernel's per-split outputs `[N, splits, R_pad, D]` (and lse `[N, splits, R_pad]`) -> the
+    attention output `[B, Hq, Tq, D]` in q's dtype (one split needs no combine)."""
+    merged = out[:, 0] if out.shape[1] == 1 else combine_splits(out, lse)
+    batch, num_heads, q_len, _ = q.shape
+    return rows_to_heads(merged.astype(q.dtype), batch, num_heads, q_len)
+
+
 def query_rows(q: jax.Array, num_kv_heads: int, padded_rows: int) -> jax.Array:
     """q `[B, Hq, Tq, D]` -> `[B * Hkv, padded_rows, D]`, row `g * Tq + t`, zero padding rows."""
     batch, num_heads, q_len, head_dim = q.shape

@@ -12,7 +12,6 @@ Backends:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -23,7 +22,6 @@ from . import common, gpu, reference, tpu
 from .common import Problem
 
 BACKENDS = ("auto", "xla", "tpu", "gpu", "interpret")
-_PREFILL_CHUNK = 512  # query rows per XLA prefill chunk (long prompts only)
 _H100_SMS = 132  # CUDA cores count for the split heuristic when lowering for a GPU we cannot query
 
 
@@ -57,20 +55,6 @@ def default_num_splits(problem: Problem, backend: str, dtype) -> int:
     return common.num_splits_heuristic(work, cores, common.cdiv(problem.kv_capacity, block_kv))
 
 
-def _chunked_causal_prefill(q, k, v, kv_len, alibi_slopes, problem: Problem) -> jax.Array:
-    """XLA causal prefill in query chunks, each against the keys up to its end: the upper triangle of
-    the score matrix is never computed and at most `_PREFILL_CHUNK x T` scores exist at a time (the whole
-    T x T matrix made XLA's CPU prefill 3x slower per token at 4k tokens than at 128)."""
-    outputs = []
-    for start in range(0, problem.q_len, _PREFILL_CHUNK):
-        stop = min(start + _PREFILL_CHUNK, problem.q_len)
-        chunk = dataclasses.replace(problem, q_len=stop - start, kv_capacity=stop)
-        q_positions = jnp.broadcast_to(jnp.arange(start, stop, dtype=jnp.int32), (problem.batch, stop - start))
-        keys, values = k[:, :, :stop], v[:, :, :stop]
-        outputs.append(reference.attend(q[:, :, start:stop], keys, values, q_positions, kv_len, chunk, alibi_slopes))
-    return jnp.concatenate(outputs, axis=2)
-
-
 def _attend(
     q,
     k,
@@ -96,8 +80,8 @@ def _attend(
         return run
 
     def xla(q, k, v, q_offset, kv_len, alibi_slopes):
-        if causal_prefill and problem.q_len > _PREFILL_CHUNK:
-            return _chunked_causal_prefill(q, k, v, kv_len, alibi_slopes, problem)
+        if causal_prefill:
+            return reference.causal_prefill(q, k, v, kv_len, alibi_slopes, problem)
         q_positions = q_offset[:, None] + jnp.arange(problem.q_len, dtype=jnp.int32)[None, :]
         return reference.attend(q, k, v, q_positions, kv_len, problem, alibi_slopes)
 

@@ -184,7 +184,7 @@ def attend_rows(
             f"the Mosaic GPU kernel needs bfloat16/float16 inputs, head_dim % 64 == 0 and S % 8 == 0; got "
             f"{q.dtype}, head_dim {problem.head_dim}, S {problem.kv_capacity} (use backend='auto' to fall back to XLA)"
         )
-    batch, num_heads, q_len, head_dim = q.shape
+    batch, head_dim = q.shape[0], q.shape[3]
     padded_rows = common.round_up(problem.rows, BLOCK_ROWS)
     blocks_per_split = common.cdiv(common.cdiv(problem.kv_capacity, BLOCK_KV), num_splits)
     n = batch * problem.num_kv_heads
@@ -212,15 +212,7 @@ def attend_rows(
         grid_names=("n", "rows", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )
+    rows, row_t, slopes = common.row_inputs(q, alibi_slopes, problem, padded_rows)
     kv_shape = (n, problem.kv_capacity, head_dim)
-    out, lse = kernel(
-        q_offset,
-        kv_len,
-        common.row_query_index(problem, padded_rows),
-        common.row_slopes(alibi_slopes, problem, padded_rows),
-        common.query_rows(q, problem.num_kv_heads, padded_rows),
-        k.reshape(kv_shape),
-        v.reshape(kv_shape),
-    )
-    merged = out[:, 0] if num_splits == 1 else common.combine_splits(out, lse)
-    return common.rows_to_heads(merged.astype(q.dtype), batch, num_heads, q_len)
+    out, lse = kernel(q_offset, kv_len, row_t, slopes, rows, k.reshape(kv_shape), v.reshape(kv_shape))
+    return common.heads_output(out, lse, q)

@@ -122,16 +122,14 @@ def attend_rows(
     interpret: bool,
 ) -> jax.Array:
     """q `[B, Hq, Tq, D]`, k/v `[B, Hkv, S, D]`, q_offset/kv_len int32 `[B]` -> `[B, Hq, Tq, D]`."""
-    batch, num_heads, q_len, head_dim = q.shape
+    batch, head_dim = q.shape[0], q.shape[3]
     block_rows, block_kv = block_sizes(problem, q.dtype)
     padded_rows = common.round_up(problem.rows, block_rows)
     num_kv_blocks = common.cdiv(problem.kv_capacity, block_kv)
     blocks_per_split = common.cdiv(num_kv_blocks, num_splits)
     n = batch * problem.num_kv_heads
 
-    rows = common.query_rows(q, problem.num_kv_heads, padded_rows)
-    row_t = common.row_query_index(problem, padded_rows)[:, None]
-    slopes = common.row_slopes(alibi_slopes, problem, padded_rows)[..., None]
+    rows, row_t, slopes = common.row_inputs(q, alibi_slopes, problem, padded_rows)
     kv_shape = (n, problem.kv_capacity, head_dim)
 
     def kv_index(n_, row_block, split, step, q_offset_ref, kv_len_ref):
@@ -174,6 +172,5 @@ def attend_rows(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="jaxdecode_attention",
-    )(q_offset, kv_len, rows, row_t, slopes, k.reshape(kv_shape), v.reshape(kv_shape))
-    merged = out[:, 0] if num_splits == 1 else common.combine_splits(out, lse[..., 0])
-    return common.rows_to_heads(merged.astype(q.dtype), batch, num_heads, q_len)
+    )(q_offset, kv_len, rows, row_t[:, None], slopes[..., None], k.reshape(kv_shape), v.reshape(kv_shape))
+    return common.heads_output(out, lse[..., 0], q)

@@ -68,6 +68,18 @@ def assert_flash_rule(out, ref, lowprec_ref, valid_queries=None):
     assert err <= bound, f"max|out - ref| = {err:.3g} > {bound:.3g}"
 
 
+def check_against_reference(out, q, k, v, q_pos, kv_len, valid_queries=None, **kwargs):
+    """The FlashAttention rule for `out` against `attention_np` in float64 and in q's precision (kwargs:
+    scale, slopes, window, sinks, softcap)."""
+    if kwargs.get("slopes") is not None:
+        kwargs["slopes"] = np.asarray(kwargs["slopes"])
+    lowprec = ml_dtypes.bfloat16 if q.dtype == jnp.bfloat16 else np.float32
+    with np.errstate(invalid="ignore"):  # padding queries that see no key are NaN in the reference
+        ref = attention_np(q, k, v, q_pos, kv_len, **kwargs)
+        low = attention_np(q, k, v, q_pos, kv_len, lowprec=lowprec, **kwargs)
+    assert_flash_rule(out, ref, low, valid_queries)
+
+
 def _inputs(rng, batch, group, num_kv_heads, q_len, kv_len, head_dim, dtype):
     def normal(*shape):
         return jnp.asarray(rng.normal(size=shape), dtype)
@@ -103,12 +115,9 @@ def check_decode(seed, batch, heads, head_dim, q_len, capacity, lengths, splits,
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     q_pos = lengths[:, None] - q_len + np.arange(q_len)[None, :]
-    slopes = None if slopes is None else np.asarray(slopes)
-    kwargs = dict(scale=head_dim**-0.5, slopes=slopes, window=window, sinks=sinks)
-    ref = attention_np(q, k, v, q_pos, lengths, **kwargs)
-    lowprec = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32
-    low = attention_np(q, k, v, q_pos, lengths, lowprec=lowprec, **kwargs)
-    assert_flash_rule(out, ref, low)
+    check_against_reference(
+        out, q, k, v, q_pos, lengths, scale=head_dim**-0.5, slopes=slopes, window=window, sinks=sinks
+    )
 
 
 @st.composite
@@ -166,8 +175,7 @@ def test_decode_softcap():
     lengths = np.array([50], np.int32)
     out = pk.decode_attention(q, k, v, jnp.asarray(lengths), softcap=5.0, backend="interpret", num_splits=2)
     q_pos = lengths[:, None] - 1
-    ref = attention_np(q, k, v, q_pos, lengths, scale=0.125, softcap=5.0)
-    assert_flash_rule(out, ref, attention_np(q, k, v, q_pos, lengths, scale=0.125, softcap=5.0, lowprec=np.float32))
+    check_against_reference(out, q, k, v, q_pos, lengths, scale=0.125, softcap=5.0)
 
 
 @st.composite
@@ -209,14 +217,10 @@ def test_prefill_kernel_matches_float64_reference(case):
     )
     kv_len = np.full(case["batch"], seq) if lengths is None else np.asarray(lengths)
     q_pos = np.broadcast_to(np.arange(seq) if case["causal"] else np.full(seq, seq), (case["batch"], seq))
-    kwargs = dict(
-        scale=case["head_dim"] ** -0.5, slopes=None if slopes is None else np.asarray(slopes), window=case["window"]
+    valid = np.arange(seq)[None, :] < kv_len[:, None]
+    check_against_reference(
+        out, q, k, v, q_pos, kv_len, valid, scale=case["head_dim"] ** -0.5, slopes=slopes, window=case["window"]
     )
-    with np.errstate(invalid="ignore"):  # padding queries that see no key are NaN in the reference
-        ref = attention_np(q, k, v, q_pos, kv_len, **kwargs)
-        lowprec = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32
-        low = attention_np(q, k, v, q_pos, kv_len, lowprec=lowprec, **kwargs)
-    assert_flash_rule(out, ref, low, valid_queries=np.arange(seq)[None, :] < kv_len[:, None])
 
 
 def test_interpret_mode_poisons_outputs():
@@ -412,8 +416,5 @@ def test_xla_prefill_in_chunks_matches_float64_reference(window, alibi):
     lengths = np.array([seq, 700], np.int32)
     out = pk.flash_attention(q, k, v, lengths=jnp.asarray(lengths), alibi_slopes=slopes, window=window, backend="xla")
     q_pos = np.broadcast_to(np.arange(seq), (2, seq))
-    kwargs = dict(scale=0.125, slopes=None if slopes is None else np.asarray(slopes), window=window)
-    with np.errstate(invalid="ignore"):  # padding queries that see no key are NaN in the reference
-        ref = attention_np(q, k, v, q_pos, lengths, **kwargs)
-        low = attention_np(q, k, v, q_pos, lengths, lowprec=np.float32, **kwargs)
-    assert_flash_rule(out, ref, low, valid_queries=np.arange(seq)[None, :] < lengths[:, None])
+    valid = np.arange(seq)[None, :] < lengths[:, None]
+    check_against_reference(out, q, k, v, q_pos, lengths, valid, scale=0.125, slopes=slopes, window=window)
