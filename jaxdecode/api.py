@@ -27,6 +27,7 @@ from .io.gguf import load_gguf
 from .io.hf import load_hf
 from .io.tokenizer import Tokenizer
 from .model import Params, apply, linear_weights_to_in_out
+from .quantize import GROUP_SIZES, QUANT_CHOICES, is_quantized, quantize_params
 from .sampling import Sampling, prepare
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,6 +92,8 @@ def load(
     dtype: str = "float32",
     attention: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
+    quant: str | None = None,
+    group_size: int = 128,
 ) -> Model:
     """Load a model.
 
@@ -102,16 +105,27 @@ def load(
         for checking the kernels on CPU; slow). See `jaxdecode/attention.py`.
       mesh: a `make_mesh(data=..., model=...)` mesh: params go straight from the host to their shards
         (tensor parallel over `model`, batch over `data`; see `jaxdecode/parallel.py`).
+      quant: None (float weights), "int8" (per output channel), "int4" (groups of `group_size` columns)
+        or "native" (a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks). See `jaxdecode/quantize.py`.
+      group_size: int4 group size, 32, 64 or 128.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    if quant not in (None, *QUANT_CHOICES):
+        raise ValueError(f"unknown quantization {quant!r}; use one of: {', '.join(QUANT_CHOICES)}")
+    if quant == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"unsupported int4 group size {group_size}; use one of {', '.join(map(str, GROUP_SIZES))}")
     backend = resolve_attention(attention, dtype)
     path = resolve_source(source)
     np_dtype = np.dtype(DTYPES[dtype])
     if path.is_dir():
+        if quant == "native":
+            raise ValueError(f"quant='native' keeps a GGUF file's own blocks; {path} is not a GGUF file: use int8 or int4")
         config, params, tokenizer = load_hf(path, np_dtype)
     else:
-        config, params, tokenizer = load_gguf(path, np_dtype)
+        config, params, tokenizer = load_gguf(path, np_dtype, native=quant == "native")
+    if quant in ("int8", "int4"):
+        params = quantize_params(params, quant, group_size, dtype)
     model = Model(config, linear_weights_to_in_out(params), tokenizer, str(source), backend)
     return shard(model, mesh) if mesh is not None else replace(model, params=jax.tree.map(jnp.asarray, model.params))
 
@@ -126,6 +140,11 @@ def shard(model: Model, mesh: jax.sharding.Mesh) -> Model:
         raise ValueError("the model is already sharded; shard the unsharded model onto the new mesh")
     model_size = mesh.shape[parallel.MODEL]
     parallel.check_config(model.config, model_size)
+    if model_size > 1 and any(map(is_quantized, jax.tree.leaves(model.params, is_leaf=is_quantized))):
+        raise ValueError(
+            f"quantized weights are not split over model={model_size} yet: use a mesh with model=1 "
+            "(data parallel) for a quantized model, or float weights for tensor parallelism"
+        )
     host = jax.tree.map(np.asarray, model.params)
     layout = parallel.sharded_layout(host, model.config, model_size)
     params = parallel.place(layout, parallel.param_specs(layout), mesh)

@@ -20,19 +20,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import attention
+from . import attention, quantize
 from . import parallel as par
 from .config import ModelConfig, alibi_slopes, rope_inv_freq
 from .kv_cache import KVCache, write
 from .parallel import Parallel
+from .quantize import QuantizedWeight
 
 Params = dict[str, Any]
 
 _init = nn.initializers.normal(stddev=0.02)
 
 
-def matmul(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """x `[..., in]` times weight `[in, out]` -> `[..., out]` in x's dtype, accumulated in float32."""
+def matmul(x: jax.Array, weight: jax.Array | QuantizedWeight) -> jax.Array:
+    """x `[..., in]` times a float weight `[in, out]` or a quantized one `[out, in]` (`quantize.py`)
+    -> `[..., out]` in x's dtype, accumulated in float32."""
+    if isinstance(weight, QuantizedWeight):
+        return quantize.matmul(x, weight)
     y = lax.dot_general(
         x.astype(weight.dtype), weight, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
@@ -48,6 +52,14 @@ def linear_weights_to_in_out(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(fix, params)
 
 
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    """`module.param`, except that a stored quantized weight is returned as it is (Flax's param would
+    compare its first leaf's shape with the float shape)."""
+    if module.has_variable("params", name) and isinstance(module.get_variable("params", name), QuantizedWeight):
+        return module.get_variable("params", name)
+    return module.param(name, _init, shape, dtype)
+
+
 class Linear(nn.Module):
     """`x @ weight + bias`. With `row_parallel`, x and weight hold one model shard's slice of the input
     features: the partial products are summed over the shards before the bias is added (once)."""
@@ -58,7 +70,7 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", _init, (x.shape[-1], self.features), x.dtype)
+        weight = _param(self, "weight", (x.shape[-1], self.features), x.dtype)
         y = par.reduce_partial(matmul(x, weight), self.row_parallel)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), x.dtype).astype(y.dtype)
@@ -206,7 +218,7 @@ class Decoder(nn.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         cfg, parallel = self.config, self.parallel
         vocab = par.per_shard(par.padded_vocab(cfg.vocab_size, parallel), parallel)
-        embedding = self.param("embed", _init, (vocab, cfg.d_model), self.dtype)
+        embedding = _param(self, "embed", (vocab, cfg.d_model), self.dtype)
         x = par.embed_lookup(embedding, tokens, parallel)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
@@ -229,10 +241,13 @@ class Decoder(nn.Module):
         x = Norm(cfg, name="final_norm")(x)
         head = embedding
         if not cfg.tie_embeddings:
-            head = self.param("lm_head", _init, (vocab, cfg.d_model), self.dtype)
-        logits = lax.dot_general(
-            x.astype(head.dtype), head, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
+            head = _param(self, "lm_head", (vocab, cfg.d_model), self.dtype)
+        if isinstance(head, QuantizedWeight):
+            logits = quantize.matmul(x.astype(jnp.float32), head)
+        else:
+            logits = lax.dot_general(
+                x.astype(head.dtype), head, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
         logits = par.mask_vocab_padding(logits, cfg.vocab_size, parallel)
         new_cache = None
         if kv_cache is not None:
@@ -272,7 +287,8 @@ def apply(
     Returns:
       (logits float32 `[B, T, vocab]` or `[B, vocab]`, the updated cache or None).
     """
-    dtype = params["embed"].dtype
+    embed = params["embed"]
+    dtype = jnp.dtype(embed.dtype) if isinstance(embed, QuantizedWeight) else embed.dtype
     return Decoder(config, attention_impl, dtype, parallel).apply(
         {"params": params}, tokens, positions, kv_cache, prefill, logits_at
     )

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .config import ModelConfig
+from .quantize import QuantizedWeight, take_rows
 
 DATA, MODEL = "data", "model"
 COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
@@ -119,6 +120,8 @@ def reduce_partial(x: jax.Array, parallel: Parallel | None) -> jax.Array:
 
 def embed_lookup(table: jax.Array, tokens: jax.Array, parallel: Parallel | None) -> jax.Array:
     """Rows of the (vocab-sharded) embedding table: each shard gathers the ids it holds, one psum."""
+    if isinstance(table, QuantizedWeight):
+        return take_rows(table, tokens)  # quantized params are not split over `model` (check_config)
     if not _splits_model(parallel):
         return jnp.take(table, tokens, axis=0)
     rows = table.shape[0]

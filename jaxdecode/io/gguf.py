@@ -13,10 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dataclasses
+
 import gguf
 import numpy as np
 
 from ..config import ModelConfig
+from ..quantize import GGUF_KINDS, QuantizedWeight, from_gguf_blocks
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -57,6 +60,23 @@ class GGUFFile:
         t = self.tensors[name]
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
+    def native(self, name: str, dtype: str) -> QuantizedWeight | np.ndarray:
+        """The tensor `name` as stored: a Q8_0 / Q4_0 / Q4_1 matrix as a QuantizedWeight (its blocks,
+        never via float), a float tensor as a float32 array; other quantized types are refused."""
+        if name not in self.tensors:
+            raise ValueError(f"{self.path} has no tensor {name!r}")
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        if kind in ("F32", "F16", "BF16"):
+            return self.array(name)
+        if kind not in GGUF_KINDS or len(t.shape) != 2:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} is {kind}; native keeps only {', '.join(GGUF_KINDS)} matrices: "
+                "use quant='int8' or 'int4' for this file"
+            )
+        columns, rows = (int(n) for n in t.shape)  # GGUF lists the fastest-varying dimension first
+        return from_gguf_blocks(t.data, kind, (rows, columns), dtype)
+
 
 def config_from_gguf(metadata: dict[str, Any]) -> ModelConfig:
     arch = metadata.get("general.architecture")
@@ -91,44 +111,55 @@ def config_from_gguf(metadata: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+def _unpermute(weight: np.ndarray | QuantizedWeight, num_heads: int) -> np.ndarray | QuantizedWeight:
     """Undo llama.cpp's Q/K row permutation (adjacent-pair RoPE back to rotate-half order)."""
+    if isinstance(weight, QuantizedWeight):  # rows are output channels in every part of it
+        parts = ("values", "scales", "offsets")
+        rows = {p: _unpermute(getattr(weight, p), num_heads) for p in parts if getattr(weight, p) is not None}
+        return dataclasses.replace(weight, **rows)
     out = weight.shape[0]
     half = out // num_heads // 2
     return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def load_gguf(path: str | os.PathLike[str], dtype: Any) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
-    """Read a GGUF file: (config, params cast to `dtype` with Linear weights `[out, in]` as stored, tokenizer)."""
+def load_gguf(
+    path: str | os.PathLike[str], dtype: Any, native: bool = False
+) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
+    """Read a GGUF file: (config, params cast to `dtype` with Linear weights `[out, in]` as stored, tokenizer).
+    With `native`, quantized matrices stay in their GGUF blocks (`QuantizedWeight`, see quantize.py)."""
     f = GGUFFile(path)
     config = config_from_gguf(f.metadata)
     tied = "output.weight" not in f.tensors
     config = config.replace(tie_embeddings=tied)
+    dtype_name = np.dtype(dtype).name
 
-    def cast(a: np.ndarray) -> np.ndarray:
-        return a.astype(dtype)
+    def cast(a: np.ndarray | QuantizedWeight) -> np.ndarray | QuantizedWeight:
+        return a if isinstance(a, QuantizedWeight) else a.astype(dtype)
 
-    params: dict[str, Any] = {"embed": cast(f.array("token_embd.weight"))}
+    def tensor(name: str) -> np.ndarray | QuantizedWeight:
+        return f.native(name, dtype_name) if native else f.array(name)
+
+    params: dict[str, Any] = {"embed": cast(tensor("token_embd.weight"))}
     for i in range(config.num_layers):
         blk = f"blk.{i}"
         params[f"layer_{i}"] = {
             "attn_norm": {"scale": cast(f.array(f"{blk}.attn_norm.weight"))},
             "attn": {
-                "q": {"weight": cast(_unpermute(f.array(f"{blk}.attn_q.weight"), config.num_heads))},
-                "k": {"weight": cast(_unpermute(f.array(f"{blk}.attn_k.weight"), config.num_kv_heads))},
-                "v": {"weight": cast(f.array(f"{blk}.attn_v.weight"))},
-                "o": {"weight": cast(f.array(f"{blk}.attn_output.weight"))},
+                "q": {"weight": cast(_unpermute(tensor(f"{blk}.attn_q.weight"), config.num_heads))},
+                "k": {"weight": cast(_unpermute(tensor(f"{blk}.attn_k.weight"), config.num_kv_heads))},
+                "v": {"weight": cast(tensor(f"{blk}.attn_v.weight"))},
+                "o": {"weight": cast(tensor(f"{blk}.attn_output.weight"))},
             },
             "mlp_norm": {"scale": cast(f.array(f"{blk}.ffn_norm.weight"))},
             "mlp": {
-                "gate": {"weight": cast(f.array(f"{blk}.ffn_gate.weight"))},
-                "up": {"weight": cast(f.array(f"{blk}.ffn_up.weight"))},
-                "down": {"weight": cast(f.array(f"{blk}.ffn_down.weight"))},
+                "gate": {"weight": cast(tensor(f"{blk}.ffn_gate.weight"))},
+                "up": {"weight": cast(tensor(f"{blk}.ffn_up.weight"))},
+                "down": {"weight": cast(tensor(f"{blk}.ffn_down.weight"))},
             },
         }
     params["final_norm"] = {"scale": cast(f.array("output_norm.weight"))}
     if not tied:
-        params["lm_head"] = cast(f.array("output.weight"))
+        params["lm_head"] = cast(tensor("output.weight"))
     expected = (config.vocab_size, config.d_model)
     if params["embed"].shape != expected:
         raise ValueError(f"{path}: token_embd.weight has shape {params['embed'].shape}, expected {expected}")

@@ -1,0 +1,275 @@
+"""Weight-only quantization: quantized weights as pytrees, and the matmul that reads them directly.
+
+A `QuantizedWeight` is a matrix `[out, in]` (one row per output channel, the layout of checkpoints
+and of the LM head) stored as integers plus per-group scales (and offsets):
+
+| kind   | values                  | group            | dequantized weight            | from                |
+|--------|-------------------------|------------------|-------------------------------|---------------------|
+| int8   | int8 `[out, in]`        | the whole row    | `v * s`, s = amax/127         | any float weight    |
+| int4   | 4-bit, two a byte       | 32 / 64 / 128    | `(q - z) * s`, z uint8        | any float weight    |
+| q8_0   | int8 `[out, in]`        | 32 (GGUF block)  | `v * d`, d float16            | a GGUF Q8_0 tensor  |
+| q4_0   | 4-bit, two a byte       | 32 (GGUF block)  | `(q - 8) * d`                 | a GGUF Q4_0 tensor  |
+| q4_1   | 4-bit, two a byte       | 32 (GGUF block)  | `q * d + m`, d, m float16     | a GGUF Q4_1 tensor  |
+
+GGUF tensors are taken block for block: the same integers, the same float16 `d` (and `m`), never via
+float; `dequantize` is bit-identical to `gguf.quants.dequantize`. Only the nibble order differs: GGUF
+puts elements j and j+16 of a block in one byte; here byte j of a row holds column j (low nibble) and
+column j + in_padded/2 (high nibble), in_padded being `in` rounded up to two whole groups. Why: the
+matmul below then reads x as two contiguous halves, which XLA's CPU backend vectorises (a strided or
+interleaved x makes the fused loop 4-5x slower, measured). The padding columns hold zeros and meet
+zeros in x.
+
+The matmul (`matmul(x, w)`) never materialises a float copy of a weight when few rows are multiplied
+(decoding): each output is a `dot` whose weight operand is the elementwise dequantization, which
+XLA fuses into one loop over the integers (on CPU, "copy_dot_fusion": 20-30 G weights/s for int8 on
+2 cores, vs 8-10 G weights/s for a float32 matrix-vector product). That fusion only forms when the
+dot is the last op of its fusion and x is one row, so rows are multiplied one at a time (up to
+`MATVEC_ROWS`) and the two 4-bit halves' partial results are summed through a concatenation.
+With more rows (prefill), the weight is dequantized once (one matrix at a time) and multiplied by a
+dense dot: the float copy is transient, a few MB, and amortised over the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+KINDS = ("int8", "int4", "q8_0", "q4_0", "q4_1")
+GGUF_KINDS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+GROUP_SIZES = (32, 64, 128)
+GGUF_BLOCK = 32
+MATVEC_ROWS = 16  # up to this many rows: one fused matrix-vector product per row (see module doc)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized matrix `[out, in]` (see the module docstring for the kinds).
+
+    values: int8 `[out, in]` (int8, q8_0) or uint8 `[out, in_padded // 2]` (int4, q4_0, q4_1).
+    scales: `[out, groups]`, float32 (int8, int4) or float16 (GGUF kinds).
+    offsets: int4: zero points uint8 `[out, groups]`; q4_1: float16 mins `[out, groups]`; else None.
+    kind, shape (out, in) and dtype (the float dtype of activations and results) are static.
+    """
+
+    values: jax.Array
+    scales: jax.Array
+    offsets: jax.Array | None
+    kind: str = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(metadata=dict(static=True), default="float32")
+
+    @property
+    def four_bit(self) -> bool:
+        return self.kind in ("int4", "q4_0", "q4_1")
+
+    @property
+    def padded_in(self) -> int:
+        return self.values.shape[1] * (2 if self.four_bit else 1)
+
+    @property
+    def group_size(self) -> int:
+        return self.padded_in // self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.size) * a.dtype.itemsize for a in (self.values, self.scales, self.offsets) if a is not None)
+
+
+def _padded_in(columns: int, group_size: int, four_bit: bool) -> int:
+    unit = 2 * group_size if four_bit else group_size
+    return -(-columns // unit) * unit
+
+
+def _pad_columns(w: np.ndarray, columns: int) -> np.ndarray:
+    return np.pad(w, ((0, 0), (0, columns - w.shape[1])))
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 `[out, P]` with values < 16 -> `[out, P/2]`: column j low nibble, column j + P/2 high."""
+    half = q.shape[1] // 2
+    return (q[:, :half] | (q[:, half:] << 4)).astype(np.uint8)
+
+
+def _unpack_nibbles(values: jax.Array) -> jax.Array:
+    return jnp.concatenate([values & 15, values >> 4], axis=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantizing (host side, NumPy, at load or convert time).
+
+
+def quantize_int8(weight: np.ndarray, dtype: str = "float32") -> QuantizedWeight:
+    """Per-output-channel symmetric int8: `s = amax_row / 127`, `v = round(w / s)`."""
+    w = np.asarray(weight, np.float32)
+    amax = np.max(np.abs(w), axis=1, keepdims=True)
+    scale = np.where(amax > 0, amax / 127, 1).astype(np.float32)
+    values = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return QuantizedWeight(values, scale, None, "int8", w.shape, dtype)
+
+
+def quantize_int4(weight: np.ndarray, group_size: int = 128, dtype: str = "float32") -> QuantizedWeight:
+    """Group-wise asymmetric 4-bit (AWQ-style round to nearest): per group of `group_size` columns
+    `s = (max - min) / 15`, `z = round(-min / s)`, `q = clamp(round(w / s) + z, 0, 15)`. The range is
+    widened to include 0 (so z lies in [0, 15] and |w - (q - z) s| <= s/2 holds for every weight)."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"unsupported int4 group size {group_size}; use one of {', '.join(map(str, GROUP_SIZES))}")
+    w = np.asarray(weight, np.float32)
+    out, columns = w.shape
+    padded = _pad_columns(w, _padded_in(columns, group_size, True))
+    groups = padded.reshape(out, -1, group_size)
+    low = np.minimum(groups.min(axis=2), 0)
+    high = np.maximum(groups.max(axis=2), 0)
+    scale = np.where(high > low, (high - low) / 15, 1).astype(np.float32)
+    zero = np.clip(np.rint(-low / scale), 0, 15)
+    q = np.clip(np.rint(groups / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+    return QuantizedWeight(
+        _pack_nibbles(q.reshape(out, -1)), scale, zero.astype(np.uint8), "int4", (out, columns), dtype
+    )
+
+
+def from_gguf_blocks(blocks: np.ndarray, gguf_type: str, shape: tuple[int, int], dtype: str = "float32"):
+    """A GGUF tensor's raw blocks (uint8 `[out, bytes per row]`, as `gguf.GGUFReader` maps them) ->
+    QuantizedWeight, integers and float16 scales copied bit for bit."""
+    kind = GGUF_KINDS.get(gguf_type)
+    if kind is None:
+        raise ValueError(f"GGUF type {gguf_type} has no native form; native supports {', '.join(GGUF_KINDS)}")
+    out, columns = shape
+    if columns % GGUF_BLOCK:
+        raise ValueError(f"a {gguf_type} row of {columns} columns is not whole blocks of {GGUF_BLOCK}")
+    header = {"q8_0": 2, "q4_0": 2, "q4_1": 4}[kind]
+    payload = 32 if kind == "q8_0" else 16
+    raw = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out, columns // GGUF_BLOCK, header + payload)
+    scales = raw[..., 0:2].copy().view(np.float16)[..., 0]
+    offsets = raw[..., 2:4].copy().view(np.float16)[..., 0] if kind == "q4_1" else None
+    data = raw[..., header:]
+    if kind == "q8_0":
+        return QuantizedWeight(data.copy().view(np.int8).reshape(out, columns), scales, None, kind, shape, dtype)
+    # A 4-bit block: byte j = element j (low nibble) and element j + 16 (high nibble).
+    q = np.concatenate([data & 15, data >> 4], axis=2).reshape(out, columns)
+    if columns % (2 * GGUF_BLOCK):  # our layout needs whole pairs of blocks: pad with one zero block
+        q = _pad_columns(q, columns + GGUF_BLOCK)
+        zeros = np.zeros((out, 1), np.float16)
+        scales = np.concatenate([scales, zeros], axis=1)
+        offsets = None if offsets is None else np.concatenate([offsets, zeros], axis=1)
+    return QuantizedWeight(_pack_nibbles(q), scales, offsets, kind, shape, dtype)
+
+
+def quantize(weight: np.ndarray, quant: str, group_size: int = 128, dtype: str = "float32") -> QuantizedWeight:
+    """A float weight `[out, in]` -> "int8" or "int4" (group-wise)."""
+    if quant == "int8":
+        return quantize_int8(weight, dtype)
+    if quant == "int4":
+        return quantize_int4(weight, group_size, dtype)
+    raise ValueError(f"unknown quantization {quant!r}; use int8 or int4 (or native for a GGUF's own blocks)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Dequantizing and multiplying (traced, inside jit).
+
+
+def _dequantize_columns(w: QuantizedWeight, integers: jax.Array, groups: slice) -> jax.Array:
+    """float32 `[out, columns]` from integers `[out, columns]` and the scales/offsets of `groups`."""
+    out, columns = integers.shape
+    scale = w.scales[:, groups].astype(jnp.float32)
+    count = scale.shape[1]
+    q = integers.reshape(out, count, columns // count)
+    if w.kind == "int4":
+        q = q.astype(jnp.int32) - w.offsets[:, groups, None].astype(jnp.int32)
+    elif w.kind == "q4_0":
+        q = q.astype(jnp.int32) - 8
+    result = q.astype(jnp.float32) * scale[..., None]
+    if w.kind == "q4_1":
+        result = result + w.offsets[:, groups, None].astype(jnp.float32)
+    return result.reshape(out, columns)
+
+
+def dequantize(w: QuantizedWeight) -> jax.Array:
+    """The float32 matrix `[out, in]` (for GGUF kinds bit-identical to `gguf.quants.dequantize`)."""
+    integers = _unpack_nibbles(w.values) if w.four_bit else w.values
+    return _dequantize_columns(w, integers, slice(None))[:, : w.shape[1]]
+
+
+def take_rows(w: QuantizedWeight, ids: jax.Array) -> jax.Array:
+    """Rows `ids` (int `[...]`) dequantized -> `[..., in]` in w.dtype (an embedding lookup)."""
+    rows = QuantizedWeight(
+        jnp.take(w.values, ids.reshape(-1), axis=0),
+        jnp.take(w.scales, ids.reshape(-1), axis=0),
+        None if w.offsets is None else jnp.take(w.offsets, ids.reshape(-1), axis=0),
+        w.kind,
+        (ids.size, w.shape[1]),
+        w.dtype,
+    )
+    return dequantize(rows).reshape(*ids.shape, w.shape[1]).astype(w.dtype)
+
+
+def _matvec_row(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """One row x float32 `[padded_in]` -> float32 `[out]` without a float copy of w (module doc)."""
+    # Written x @ W^T: XLA's CPU backend fuses the dequantization into the dot only in this orientation
+    # (as W @ x it dequantizes W into a buffer and calls a library matmul: 35x slower, measured).
+    if not w.four_bit:
+        return jnp.dot(x, _dequantize_columns(w, w.values, slice(None)).T)
+    half = w.values.shape[1]
+    groups = w.scales.shape[1] // 2
+    low = _dequantize_columns(w, w.values & 15, slice(0, groups))
+    high = _dequantize_columns(w, w.values >> 4, slice(groups, None))
+    # Summed through a concatenation: `a + b` would become the second dot's output fusion, which forces
+    # its weight out into a float buffer (an optimization barrier does not stop that; measured).
+    both = jnp.concatenate([jnp.dot(x[:half], low.T), jnp.dot(x[half:], high.T)])
+    return both.reshape(2, -1).sum(0)
+
+
+def matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """x `[..., in]` times w `[out, in]` (contracted on `in`) -> `[..., out]` in x's dtype,
+    accumulated in float32."""
+    *lead, columns = x.shape
+    if columns != w.shape[1]:
+        raise ValueError(f"x has {columns} features, the quantized weight takes {w.shape[1]}")
+    rows = math.prod(lead)
+    flat = x.reshape(rows, columns).astype(jnp.float32)
+    if rows > MATVEC_ROWS:
+        y = lax.dot_general(flat, dequantize(w), (((1,), (1,)), ((), ())))
+    else:
+        flat = jnp.pad(flat, ((0, 0), (0, w.padded_in - columns)))
+        # x + 0 through a reduction: a fusion boundary. Otherwise XLA fuses x's producers (the norm, even
+        # the embedding lookup) into the dot loop and recomputes them for every output row (measured:
+        # 1.5x slower matrix-vector products inside the model).
+        flat = jnp.stack([flat, jnp.zeros_like(flat)]).sum(0)
+        y = jnp.stack([_matvec_row(flat[r], w) for r in range(rows)])
+    return y.reshape(*lead, w.shape[0]).astype(x.dtype)
+
+
+def is_quantized(leaf: Any) -> bool:
+    return isinstance(leaf, QuantizedWeight)
+
+
+def param_bytes(params: Any) -> int:
+    """Bytes of a parameter pytree as stored (quantized weights count their integers and scales)."""
+    leaves = jax.tree.leaves(params, is_leaf=is_quantized)
+    return sum(leaf.nbytes if is_quantized(leaf) else int(np.asarray(leaf).nbytes) for leaf in leaves)
+
+
+QUANT_CHOICES = ("int8", "int4", "native")
+EMBEDDING_NAMES = ("embed", "lm_head")
+
+
+def quantize_params(params: Any, quant: str, group_size: int = 128, dtype: str = "float32") -> Any:
+    """Host params (Linear weights `[out, in]`, as loaders return them) with every Linear weight and the
+    embedding / LM head quantized. With "int4" the embedding and LM head are int8 (per vocabulary row):
+    they are read whole every token and matter most for accuracy, as in llama.cpp's 4-bit files."""
+
+    def convert(path, leaf):
+        name = getattr(path[-1], "key", None)
+        if name in EMBEDDING_NAMES:
+            return quantize_int8(leaf, dtype)
+        if name == "weight" and np.ndim(leaf) == 2:
+            return quantize(leaf, quant, group_size, dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(convert, params)
