@@ -120,7 +120,7 @@ def load(
     np_dtype = np.dtype(DTYPES[dtype])
     if path.is_dir():
         if quant == "native":
-            raise ValueError(f"quant='native' keeps a GGUF file's own blocks; {path} is not a GGUF file: use int8 or int4")
+            raise ValueError(f"quant='native' keeps a GGUF file's blocks; {path} is not a GGUF file: use int8 or int4")
         config, params, tokenizer = load_hf(path, np_dtype)
     else:
         config, params, tokenizer = load_gguf(path, np_dtype, native=quant == "native")

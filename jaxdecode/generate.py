@@ -10,7 +10,6 @@ own cache length, so padding is never attended (it is overwritten before it coul
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import NamedTuple
 
 import jax

@@ -9,11 +9,10 @@ pairs; our model (like HF) rotates halves, so the loader undoes that permutation
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
-
-import dataclasses
 
 import gguf
 import numpy as np
