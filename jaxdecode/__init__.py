@@ -6,20 +6,24 @@ out = jd.generate(model, "The capital of France is", max_new_tokens=16)
 print(out.text[0])
 """
 
-from .api import GenerationResult, Model, StreamPiece, forward, generate, load, shard, stream
+from .api import GenerationResult, Model, StreamPiece, forward, generate, load, perplexity, save, shard, stream
+from .checkpoint import CheckpointError
 from .config import ModelConfig, RopeScaling
 from .generate import GenerateOutput, generate_tokens
 from .kv_cache import KVCache, init_cache
 from .model import apply, init_params
 from .parallel import make_mesh
+from .quantize import QuantizedWeight
 from .sampling import Sampling
 
 __all__ = [
+    "CheckpointError",
     "GenerateOutput",
     "GenerationResult",
     "KVCache",
     "Model",
     "ModelConfig",
+    "QuantizedWeight",
     "RopeScaling",
     "Sampling",
     "StreamPiece",
@@ -31,6 +35,8 @@ __all__ = [
     "init_params",
     "load",
     "make_mesh",
+    "perplexity",
+    "save",
     "shard",
     "stream",
 ]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from . import parallel
+from . import checkpoint, parallel
 from .attention import resolve as resolve_attention
 from .config import ModelConfig
 from .generate import decode_loop, decode_step, prefill
@@ -117,6 +117,8 @@ def load(
         raise ValueError(f"unsupported int4 group size {group_size}; use one of {', '.join(map(str, GROUP_SIZES))}")
     backend = resolve_attention(attention, dtype)
     path = resolve_source(source)
+    if checkpoint.is_checkpoint(path):
+        return _load_checkpoint(path, dtype, backend, mesh, quant)
     np_dtype = np.dtype(DTYPES[dtype])
     if path.is_dir():
         if quant == "native":
@@ -128,6 +130,42 @@ def load(
         params = quantize_params(params, quant, group_size, dtype)
     model = Model(config, linear_weights_to_in_out(params), tokenizer, str(source), backend)
     return shard(model, mesh) if mesh is not None else replace(model, params=jax.tree.map(jnp.asarray, model.params))
+
+
+def _load_checkpoint(path: Path, dtype: str, backend: str, mesh: jax.sharding.Mesh | None, quant: str | None) -> Model:
+    """A `save`d checkpoint; with a mesh, params are read straight onto their devices where the sharded
+    layout is the saved one (no KV-head repetition or vocabulary padding needed), else placed by `shard`."""
+    if quant is not None:
+        raise ValueError(f"{path} is a saved checkpoint, loaded as saved: convert it with --quant {quant} instead")
+
+    model_size = 1 if mesh is None else mesh.shape[parallel.MODEL]
+    direct = mesh is not None and parallel.layout_is_identity(checkpoint.saved_config(path), model_size)
+
+    def shardings(abstract: Any) -> Any:
+        return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), parallel.param_specs(abstract))
+
+    config, params, tokenizer = checkpoint.load(path, shardings if direct else None)
+    float_dtype = DTYPES[dtype]
+
+    def cast(leaf: Any) -> Any:
+        if is_quantized(leaf):
+            return replace(leaf, dtype=dtype)
+        return leaf.astype(float_dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    params = jax.tree.map(cast, params, is_leaf=is_quantized)
+    model = Model(config, params, tokenizer, str(path), backend)
+    if direct:
+        return replace(model, mesh=mesh)
+    return shard(model, mesh) if mesh is not None else replace(model, params=jax.tree.map(jnp.asarray, params))
+
+
+def save(model: Model, directory: str | os.PathLike[str]) -> Path:
+    """Save `model` (config, tokenizer, float or quantized params) as an Orbax checkpoint in `directory`;
+    `load(directory)` restores it bit for bit. An existing checkpoint there is replaced only once the
+    new one is complete. See `jaxdecode/checkpoint.py`."""
+    if model.mesh is not None:
+        raise ValueError("save the model as loaded without a mesh (a sharded model holds the mesh's layout)")
+    return checkpoint.save(model.config, model.params, model.tokenizer, directory)
 
 
 def shard(model: Model, mesh: jax.sharding.Mesh) -> Model:
@@ -169,6 +207,37 @@ def forward(model: Model, tokens: Any) -> jax.Array:
         model.executables["forward"] = parallel.sharded_logits_fn(model.mesh, model.config, model.attention)
     logits = model.executables["forward"](model.params, *_on_mesh(model, (tokens[rows], positions[rows])))
     return logits[:batch]
+
+
+@jax.jit
+def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log p(target) float32 `[B, T]` from logits `[B, T, V]` and int32 targets `[B, T]`."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def perplexity(model: Model, token_ids: Sequence[int], window: int = 1024, batch: int = 4) -> tuple[float, int]:
+    """Perplexity of `token_ids` scored in non-overlapping windows of `window` tokens, no BOS added:
+    in each window every token after the first is predicted from the ones before it in that window
+    (a shorter last window is scored the same way). Returns (perplexity, number of scored tokens).
+    `batch` windows run per forward pass."""
+    ids = np.asarray(token_ids, np.int32)
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    if ids.size < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {ids.size}")
+    windows = [ids[i : i + window] for i in range(0, ids.size, window)]
+    windows = [w for w in windows if w.size >= 2]
+    total, count = 0.0, 0
+    for length in sorted({w.size for w in windows}):  # one shape per window length
+        same = np.stack([w for w in windows if w.size == length])
+        for start in range(0, len(same), batch):
+            chunk = same[start : start + batch]
+            logits = forward(model, chunk)
+            nll = _token_nll(jnp.asarray(parallel.fetch(logits) if model.mesh else logits)[:, :-1], chunk[:, 1:])
+            total += float(np.sum(np.asarray(nll, np.float64)))
+            count += chunk.shape[0] * (length - 1)
+    return float(np.exp(total / count)), count
 
 
 def _rows_for_mesh(model: Model, batch: int) -> np.ndarray:

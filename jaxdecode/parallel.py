@@ -183,6 +183,13 @@ def param_specs(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(param_spec, params)
 
 
+def layout_is_identity(config: ModelConfig, model_size: int) -> bool:
+    """Whether `sharded_layout` leaves params as they are (then a checkpoint can be read onto the mesh as is)."""
+    return model_size == 1 or (
+        config.num_kv_heads >= model_size and padded_vocab(config.vocab_size, Parallel(model_size)) == config.vocab_size
+    )
+
+
 def sharded_layout(params: Any, config: ModelConfig, model_size: int) -> Any:
     """Host params -> the layout `param_spec` splits: K/V columns of each KV head repeated when there are
     fewer KV heads than shards, embedding / LM head rows padded to a multiple of the shard count."""
