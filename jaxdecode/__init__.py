@@ -6,6 +6,7 @@ out = jd.generate(model, "The capital of France is", max_new_tokens=16)
 print(out.text[0])
 """
 
+from . import checkpoint, quantize
 from .api import GenerationResult, Model, StreamPiece, forward, generate, load, perplexity, save, shard, stream
 from .checkpoint import CheckpointError
 from .config import ModelConfig, RopeScaling
@@ -28,6 +29,7 @@ __all__ = [
     "Sampling",
     "StreamPiece",
     "apply",
+    "checkpoint",
     "forward",
     "generate",
     "generate_tokens",
@@ -36,6 +38,7 @@ __all__ = [
     "load",
     "make_mesh",
     "perplexity",
+    "quantize",
     "save",
     "shard",
     "stream",

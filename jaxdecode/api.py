@@ -27,7 +27,8 @@ from .io.gguf import load_gguf
 from .io.hf import load_hf
 from .io.tokenizer import Tokenizer
 from .model import Params, apply, linear_weights_to_in_out
-from .quantize import GROUP_SIZES, QUANT_CHOICES, is_quantized, quantize_params
+from .quantize import check_choice as check_quant_choice
+from .quantize import is_quantized, quantize_params
 from .sampling import Sampling, prepare
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,10 +112,7 @@ def load(
     """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
-    if quant not in (None, *QUANT_CHOICES):
-        raise ValueError(f"unknown quantization {quant!r}; use one of: {', '.join(QUANT_CHOICES)}")
-    if quant == "int4" and group_size not in GROUP_SIZES:
-        raise ValueError(f"unsupported int4 group size {group_size}; use one of {', '.join(map(str, GROUP_SIZES))}")
+    check_quant_choice(quant, group_size)
     backend = resolve_attention(attention, dtype)
     path = resolve_source(source)
     if checkpoint.is_checkpoint(path):

@@ -108,7 +108,7 @@ def _file_digests(root: Path) -> dict[str, dict[str, Any]]:
     return digests
 
 
-def _check_destination(directory: Path) -> None:
+def check_destination(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save to {directory}: it is a file; choose a directory")
     if directory.is_dir() and any(directory.iterdir()) and not is_checkpoint(directory):
@@ -129,7 +129,7 @@ def save(config: ModelConfig, params: Any, tokenizer: Tokenizer | None, director
     """Write a checkpoint into `directory` (created, or an existing checkpoint replaced safely).
     Returns the directory of the new version."""
     directory = Path(directory).absolute()
-    _check_destination(directory)
+    check_destination(directory)
     version = directory / f"v-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     try:
         version.mkdir()

@@ -1,4 +1,4 @@
-"""Command line: `jaxdecode generate` and `jaxdecode chat`.
+"""Command line: `jaxdecode generate`, `chat`, `convert`, `eval-ppl` and `bench`.
 
 Errors a user can fix (bad model name, missing file, bad settings) end with one line on stderr and
 exit status 2, never a traceback.
@@ -34,14 +34,24 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, .gguf file or HF directory")
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", default=None, help="weights: int8, int4 (group-wise) or native (a GGUF's own blocks)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64 or 128")
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, .gguf file, HF directory or checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument(
         "--attention",
         default="auto",
         help="attention kernels: auto (Pallas on TPU/GPU, XLA on CPU), xla, pallas, interpret (slow, CPU check)",
     )
+    _add_quant_args(p)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -62,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="an interactive chat with the model's chat template")
     chat.add_argument("--system", default=None, help="a system message")
     _add_model_args(chat)
+    convert = sub.add_parser("convert", help="save a model (optionally quantized) as a jaxdecode Orbax checkpoint")
+    convert.add_argument("source", help="embedded name, .gguf file, HF directory or checkpoint")
+    convert.add_argument("destination", help="checkpoint directory (an existing checkpoint is replaced safely)")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_quant_args(convert)
+    ppl = sub.add_parser("eval-ppl", help="perplexity of a text file in non-overlapping windows (no BOS)")
+    ppl.add_argument("--text-file", required=True)
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score the first N tokens (default: all)")
+    ppl.add_argument("--window", type=int, default=1024)
+    ppl.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...}')
+    _add_load_args(ppl)
     bench = sub.add_parser(
         "bench", help="benchmark jaxdecode against HF transformers and llama.cpp on the embedded model"
     )
@@ -83,11 +104,60 @@ def _sampling(args: argparse.Namespace):
     )
 
 
+def _load(args: argparse.Namespace):
+    import jaxdecode as jd
+
+    return jd.load(args.model, dtype=args.dtype, attention=args.attention, quant=args.quant, group_size=args.group_size)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    import jaxdecode as jd
+
+    jd.quantize.check_choice(args.quant, args.group_size)  # fail before the slow part
+    jd.checkpoint.check_destination(Path(args.destination).absolute())
+    with tqdm(total=2, desc=f"convert {args.source}", unit="step", file=sys.stderr) as bar:
+        bar.set_postfix_str("reading" + (f" and quantizing ({args.quant})" if args.quant else ""))
+        model = jd.load(args.source, dtype=args.dtype, quant=args.quant, group_size=args.group_size)
+        bar.update()
+        bar.set_postfix_str(f"writing {args.destination}")
+        jd.save(model, args.destination)
+        bar.update()
+    size = jd.quantize.param_bytes(model.params)
+    print(f"saved {args.destination} ({size / 1e6:.1f} MB of parameters)", file=sys.stderr)
+
+
+def _eval_ppl(args: argparse.Namespace) -> None:
+    import jaxdecode as jd
+
+    path = Path(args.text_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such text file: {path}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    model = _load(args)
+    ids = model.require_tokenizer().encode(text)
+    if args.max_tokens is not None:
+        if len(ids) < args.max_tokens:
+            raise ValueError(f"{path} has only {len(ids)} tokens, fewer than --max-tokens {args.max_tokens}")
+        ids = ids[: args.max_tokens]
+    value, count = jd.perplexity(model, ids, window=args.window)
+    if args.json:
+        print(json.dumps({"perplexity": value, "tokens": count}))
+    else:
+        print(f"perplexity {value:.4f} over {count} scored tokens (windows of {args.window}, {args.model})")
+
+
 def _generate(args: argparse.Namespace) -> None:
     import jaxdecode as jd
 
     sampling = _sampling(args)  # validate settings before the slow load
-    model = jd.load(args.model, dtype=args.dtype, attention=args.attention)
+    model = _load(args)
     prompt = args.prompt
     if args.chat:
         prompt = model.require_tokenizer().apply_chat_template([{"role": "user", "content": prompt}])
@@ -114,7 +184,7 @@ def _chat(args: argparse.Namespace) -> None:
     import jaxdecode as jd
 
     sampling = _sampling(args)
-    model = jd.load(args.model, dtype=args.dtype, attention=args.attention)
+    model = _load(args)
     tokenizer = model.require_tokenizer()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -149,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _enable_compilation_cache()
-        {"generate": _generate, "chat": _chat, "bench": _bench}[args.command](args)
+        commands = {"generate": _generate, "chat": _chat, "convert": _convert, "eval-ppl": _eval_ppl, "bench": _bench}
+        commands[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"jaxdecode: error: {e}", file=sys.stderr)
         return EXIT_USAGE

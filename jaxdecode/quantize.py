@@ -259,6 +259,14 @@ QUANT_CHOICES = ("int8", "int4", "native")
 EMBEDDING_NAMES = ("embed", "lm_head")
 
 
+def check_choice(quant: str | None, group_size: int) -> None:
+    """Refuse an unknown quantization or int4 group size, naming the choices."""
+    if quant not in (None, *QUANT_CHOICES):
+        raise ValueError(f"unknown quantization {quant!r}; use one of: {', '.join(QUANT_CHOICES)}")
+    if quant == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"unsupported int4 group size {group_size}; use one of {', '.join(map(str, GROUP_SIZES))}")
+
+
 def quantize_params(params: Any, quant: str, group_size: int = 128, dtype: str = "float32") -> Any:
     """Host params (Linear weights `[out, in]`, as loaders return them) with every Linear weight and the
     embedding / LM head quantized. With "int4" the embedding and LM head are int8 (per vocabulary row):
