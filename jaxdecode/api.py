@@ -143,6 +143,7 @@ def _load_checkpoint(path: Path, dtype: str, backend: str, mesh: jax.sharding.Me
         return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), parallel.param_specs(abstract))
 
     config, params, tokenizer = checkpoint.load(path, shardings if direct else None)
+    _refuse_quantized_tensor_parallel(params, model_size)
     float_dtype = DTYPES[dtype]
 
     def cast(leaf: Any) -> Any:
@@ -166,6 +167,14 @@ def save(model: Model, directory: str | os.PathLike[str]) -> Path:
     return checkpoint.save(model.config, model.params, model.tokenizer, directory)
 
 
+def _refuse_quantized_tensor_parallel(params: Params, model_size: int) -> None:
+    if model_size > 1 and any(map(is_quantized, jax.tree.leaves(params, is_leaf=is_quantized))):
+        raise ValueError(
+            f"quantized weights are not split over model={model_size} yet: use a mesh with model=1 "
+            "(data parallel) for a quantized model, or float weights for tensor parallelism"
+        )
+
+
 def shard(model: Model, mesh: jax.sharding.Mesh) -> Model:
     """The model with its params split over `mesh` (tensor parallel over `model`, see `parallel.py`).
 
@@ -176,11 +185,7 @@ def shard(model: Model, mesh: jax.sharding.Mesh) -> Model:
         raise ValueError("the model is already sharded; shard the unsharded model onto the new mesh")
     model_size = mesh.shape[parallel.MODEL]
     parallel.check_config(model.config, model_size)
-    if model_size > 1 and any(map(is_quantized, jax.tree.leaves(model.params, is_leaf=is_quantized))):
-        raise ValueError(
-            f"quantized weights are not split over model={model_size} yet: use a mesh with model=1 "
-            "(data parallel) for a quantized model, or float weights for tensor parallelism"
-        )
+    _refuse_quantized_tensor_parallel(model.params, model_size)
     host = jax.tree.map(np.asarray, model.params)
     layout = parallel.sharded_layout(host, model.config, model_size)
     params = parallel.place(layout, parallel.param_specs(layout), mesh)

@@ -46,7 +46,8 @@ class CheckpointError(ValueError):
 
 
 def is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / LATEST).exists()
+    """A checkpoint directory, complete or not (a first save that was interrupted leaves only `v-*`)."""
+    return path.is_dir() and ((path / LATEST).exists() or any(p.is_dir() for p in path.glob("v-*")))
 
 
 # ------------------------------------------------------------------------------------------------

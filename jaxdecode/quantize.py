@@ -44,7 +44,7 @@ KINDS = ("int8", "int4", "q8_0", "q4_0", "q4_1")
 GGUF_KINDS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
 GROUP_SIZES = (32, 64, 128)
 GGUF_BLOCK = 32
-MATVEC_ROWS = 16  # up to this many rows: one fused matrix-vector product per row (see module doc)
+MATVEC_ROWS = 4  # up to this many rows: one fused matrix-vector product per row (see module doc)
 
 
 @jax.tree_util.register_dataclass
