@@ -30,12 +30,17 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 SUITES: dict[str, dict[str, Any]] = {
     "decode": {"batch": [1], "prompt": [128, 1024], "new_tokens": 128},
     "batch": {"batch": [1, 4, 16], "prompt": [128], "new_tokens": 64},
     "long": {"batch": [1], "prompt": [1024, 2048, 4096, 8000], "new_tokens": 64},
+    # jaxdecode float32 with each weight format vs llama.cpp on the GGUF's Q4_1, plus bytes and perplexity
+    "quant": {"batch": [1], "prompt": [128], "new_tokens": 128, "quants": [None, "int8", "int4", "native"]},
 }
-LATER_SUITES = {"quant": "the quantization issue", "spec": "the speculative-decoding issue"}
+LATER_SUITES = {"spec": "the speculative-decoding issue"}
+INT4_GROUP = 128
 PEERS = ("hf", "llamacpp")
 PEER_MODULES = {"hf": ("transformers", "torch"), "llamacpp": ("llama_cpp",)}
 THREADS = 2
@@ -72,10 +77,15 @@ def _medians(once, runs: int) -> dict:
     }
 
 
-def run_jaxdecode(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int) -> dict:
+def run_jaxdecode(spec: dict, prompt: list[int], runs: int) -> dict:
     import jaxdecode as jd
 
-    model = jd.load("smollm2-135m", dtype=dtype)
+    batch, new_tokens = spec["batch"], spec["new_tokens"]
+    model = jd.load("smollm2-135m", dtype=spec["dtype"], quant=spec["quant"], group_size=INT4_GROUP)
+    extra = {}
+    if spec["suite"] == "quant":
+        ppl, _ = jd.perplexity(model, prompt_ids(spec["ppl_tokens"]), window=spec["ppl_window"])
+        extra = {"perplexity": ppl, "param_bytes": jd.quantize.param_bytes(model.params)}
     prompts = [prompt] * batch
     first = jd.generate(model, prompts, max_new_tokens=new_tokens, stop_ids=())
     results = [jd.generate(model, prompts, max_new_tokens=new_tokens, stop_ids=()) for _ in range(runs)]
@@ -85,16 +95,18 @@ def run_jaxdecode(dtype: str, batch: int, prompt: list[int], new_tokens: int, ru
         "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in results),
         "ttft_s": statistics.median(r.prefill_s for r in results),
         "compile_s": first.compile_s,
+        **extra,
     }
 
 
-def run_hf(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int) -> dict:
+def run_hf(spec: dict, prompt: list[int], runs: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
     from .api import SMOLLM2_FILE, embedded_model_path
 
+    dtype, batch, new_tokens = spec["dtype"], spec["batch"], spec["new_tokens"]
     torch.set_num_threads(THREADS)
     directory = embedded_model_path("smollm2-135m").parent
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE, dtype=getattr(torch, dtype))
@@ -133,7 +145,7 @@ def run_hf(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int
     return _medians(once, runs)
 
 
-def run_llamacpp(dtype: str, batch: int, prompt: list[int], new_tokens: int, runs: int) -> dict:
+def run_llamacpp(spec: dict, prompt: list[int], runs: int) -> dict:
     import llama_cpp
     import llama_cpp.llama_cpp as low_level
 
@@ -148,14 +160,23 @@ def run_llamacpp(dtype: str, batch: int, prompt: list[int], new_tokens: int, run
         return params
 
     low_level.llama_model_default_params = params_without_extra_buffers
+    new_tokens, quant_suite = spec["new_tokens"], spec["suite"] == "quant"
+    path = embedded_model_path("smollm2-135m")
     llm = llama_cpp.Llama(
-        model_path=str(embedded_model_path("smollm2-135m")),
-        n_ctx=len(prompt) + new_tokens + 16,
+        model_path=str(path),
+        n_ctx=max(len(prompt) + new_tokens + 16, spec["ppl_window"] if quant_suite else 0),
         n_batch=512,
         n_threads=THREADS,
         n_threads_batch=THREADS,
+        logits_all=quant_suite,  # perplexity needs every position's logits
         verbose=False,
     )
+    extra = {}
+    if quant_suite:
+        from .io.gguf import GGUFFile
+
+        perplexity = _llamacpp_perplexity(llm, prompt_ids(spec["ppl_tokens"]), spec["ppl_window"])
+        extra = {"perplexity": perplexity, "param_bytes": GGUFFile(path).data_bytes}
 
     def once() -> tuple[float, float, float]:
         llm.reset()  # no reuse of the previous run's cache for the same prompt
@@ -169,7 +190,23 @@ def run_llamacpp(dtype: str, batch: int, prompt: list[int], new_tokens: int, run
         decode = time.perf_counter() - start
         return len(prompt) / ttft, (new_tokens - 1) / decode, ttft
 
-    return _medians(once, runs)
+    return {**_medians(once, runs), **extra}
+
+
+def _llamacpp_perplexity(llm, ids: list[int], window_size: int) -> float:
+    """Perplexity scored exactly as `jaxdecode.perplexity` does (same ids, same windows, no BOS), from
+    llama.cpp's logits, log-softmax in float64."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids), window_size):
+        window = ids[start : start + window_size]
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[: len(window) - 1], np.float64)
+        top = logits.max(axis=-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+        total -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
+        count += len(window) - 1
+    return float(np.exp(total / count))
 
 
 RUNNERS = {"jaxdecode": run_jaxdecode, "hf": run_hf, "llamacpp": run_llamacpp}
@@ -195,12 +232,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
 
 
-def _engines(peers: list[str], dtypes: list[str]) -> list[tuple[str, str]]:
-    engines = [("jaxdecode", d) for d in dtypes]
-    if "hf" in peers:
-        engines += [("hf", "float32"), ("hf", "bfloat16")]
+def _engines(peers: list[str], dtypes: list[str], suite: dict) -> list[tuple[str, str, str | None]]:
+    """(engine, dtype, weight format) triples; the quant suite runs jaxdecode once per format and no HF."""
+    engines = [("jaxdecode", d, q) for d in dtypes for q in suite.get("quants", [None])]
+    if "hf" in peers and "quants" not in suite:
+        engines += [("hf", "float32", None), ("hf", "bfloat16", None)]
     if "llamacpp" in peers:
-        engines.append(("llamacpp", "q4_1"))
+        engines.append(("llamacpp", "q4_1", "q4_1"))
     return engines
 
 
@@ -208,16 +246,17 @@ def run_suite(args: argparse.Namespace, name: str) -> list[dict]:
     suite = SUITES[name]
     batches, prompts = args.batch or suite["batch"], args.prompt or suite["prompt"]
     new_tokens = args.new_tokens or suite["new_tokens"]
-    engines = _engines(args.peers, args.dtypes)
+    engines = _engines(args.peers, args.dtypes, suite)
     rows, shape_index = [], 0
     for prompt in prompts:
         for batch in batches:
             order = engines if shape_index % 2 == 0 else engines[::-1]
             shape_index += 1
-            for engine, dtype in order:
-                base = {"suite": name, "engine": engine, "dtype": dtype}
-                base["quant"] = "q4_1" if engine == "llamacpp" else None
+            for engine, dtype, quant in order:
+                base = {"suite": name, "engine": engine, "dtype": dtype, "quant": quant}
                 base.update(batch=batch, prompt=prompt, new_tokens=new_tokens)
+                if name == "quant":
+                    base.update(ppl_tokens=args.ppl_tokens, ppl_window=args.ppl_window)
                 reason = _skip_reason(engine, batch)
                 if reason is None:
                     command = [sys.executable, "-m", "jaxdecode.bench", "--child", json.dumps(base)]
@@ -238,15 +277,24 @@ def run_suite(args: argparse.Namespace, name: str) -> list[dict]:
 
 def child(spec: dict, runs: int) -> dict:
     prompt = prompt_ids(spec["prompt"])
-    measured = RUNNERS[spec["engine"]](spec["dtype"], spec["batch"], prompt, spec["new_tokens"], runs)
+    measured = RUNNERS[spec["engine"]](spec, prompt, runs)
     return {**spec, **measured, "peak_rss_mb": _peak_rss_mb()}
 
 
+def _label(r: dict) -> str:
+    """engine and dtype, plus jaxdecode's weight format when it is quantized."""
+    quant = r.get("quant")
+    return f"{r['engine']} {r['dtype']}" + (f" {quant}" if quant and quant != r["dtype"] else "")
+
+
 def _line(r: dict) -> str:
+    extra = ""
+    if "perplexity" in r:
+        extra = f", perplexity {r['perplexity']:.4f}, params {r['param_bytes'] / 1e6:.1f} MB"
     return (
-        f"{r['engine']} {r['dtype']} batch {r['batch']} prompt {r['prompt']}: prefill "
+        f"{_label(r)} batch {r['batch']} prompt {r['prompt']}: prefill "
         f"{r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s, "
-        f"ttft {r['ttft_s'] * 1000:.0f} ms, peak RSS {r['peak_rss_mb']:.0f} MB"
+        f"ttft {r['ttft_s'] * 1000:.0f} ms, peak RSS {r['peak_rss_mb']:.0f} MB{extra}"
     )
 
 
@@ -254,22 +302,16 @@ def table(rows: list[dict]) -> str:
     """Markdown: one line per measured row; jaxdecode rows carry their decode ratio to each peer row of
     the same shape."""
     measured = [r for r in rows if "skipped" not in r]
-    peers = [(r["engine"], r["dtype"]) for r in measured if r["engine"] != "jaxdecode"]
-    peers = list(dict.fromkeys(peers))
-    header = "| suite | engine | dtype | batch | prompt | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB |"
-    header += "".join(f" decode vs {e} {d} |" for e, d in peers)
-    lines = [header, "|" + "---|" * (9 + len(peers))]
+    peers = list(dict.fromkeys(_label(r) for r in measured if r["engine"] != "jaxdecode"))
+    header = "| suite | engine | batch | prompt | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB |"
+    header += "".join(f" decode vs {p} |" for p in peers)
+    lines = [header, "|" + "---|" * (8 + len(peers))]
     for r in measured:
-        cells = [r["suite"], r["engine"], r["dtype"], r["batch"], r["prompt"], f"{r['prefill_tokens_per_s']:.0f}"]
+        cells = [r["suite"], _label(r), r["batch"], r["prompt"], f"{r['prefill_tokens_per_s']:.0f}"]
         cells += [f"{r['decode_tokens_per_s']:.1f}", f"{r['ttft_s'] * 1000:.0f}", f"{r['peak_rss_mb']:.0f}"]
-        for engine, dtype in peers:
+        for peer in peers:
             ref = next(
-                (
-                    p
-                    for p in measured
-                    if (p["engine"], p["dtype"]) == (engine, dtype)
-                    and all(p[k] == r[k] for k in ("suite", "batch", "prompt"))
-                ),
+                (p for p in measured if _label(p) == peer and all(p[k] == r[k] for k in ("suite", "batch", "prompt"))),
                 None,
             )
             ratio = (
@@ -278,11 +320,35 @@ def table(rows: list[dict]) -> str:
             cells.append(f"{ratio:.2f}x" if ratio else "-")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += [
-        f"skipped: {r['engine']} {r['dtype']} batch {r['batch']} prompt {r['prompt']}: {r['skipped']}"
-        for r in rows
-        if "skipped" in r
+        f"skipped: {_label(r)} batch {r['batch']} prompt {r['prompt']}: {r['skipped']}" for r in rows if "skipped" in r
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + quant_table(measured))
+
+
+def quant_table(measured: list[dict]) -> list[str]:
+    """The quant suite's summary: bytes, decode and perplexity of each format, against jaxdecode float32
+    and llama.cpp from the same run."""
+    rows = [r for r in measured if "perplexity" in r]
+    base = next((r for r in rows if r["engine"] == "jaxdecode" and not r["quant"]), None)
+    peer = next((r for r in rows if r["engine"] == "llamacpp"), None)
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| weights | params MB | decode tok/s | decode vs f32 | decode vs llama.cpp "
+        f"| perplexity ({rows[0]['ppl_tokens']} tok) | ppl vs f32 | ppl vs llama.cpp |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(r: dict, ref: dict | None, key: str) -> str:
+        return f"{r[key] / ref[key]:.3f}x" if ref else "-"
+
+    for r in rows:
+        cells = [_label(r), f"{r['param_bytes'] / 1e6:.1f}", f"{r['decode_tokens_per_s']:.1f}"]
+        cells += [ratio(r, base, "decode_tokens_per_s"), ratio(r, peer, "decode_tokens_per_s")]
+        cells += [f"{r['perplexity']:.4f}", ratio(r, base, "perplexity"), ratio(r, peer, "perplexity")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -297,15 +363,13 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, x_key, fixed_key, fixed in ((axes[0], "prompt", "batch", 1), (axes[1], "batch", "prompt", None)):
         if fixed is None:  # the batch plot uses the shortest prompt measured
             fixed = min((r["prompt"] for r in measured), default=0)
-        for engine, dtype in dict.fromkeys((r["engine"], r["dtype"]) for r in measured):
+        for label in dict.fromkeys(map(_label, measured)):
             by_x = {  # a shape measured by two suites: one point
-                r[x_key]: r["decode_tokens_per_s"]
-                for r in measured
-                if (r["engine"], r["dtype"]) == (engine, dtype) and r[fixed_key] == fixed
+                r[x_key]: r["decode_tokens_per_s"] for r in measured if _label(r) == label and r[fixed_key] == fixed
             }
             points = sorted(by_x.items())
             if points:
-                ax.plot(*zip(*points), marker="o", label=f"{engine} {dtype}")
+                ax.plot(*zip(*points), marker="o", label=label)
         ax.set_xlabel("context (prompt tokens)" if x_key == "prompt" else "batch size")
         ax.set_ylabel("decode tokens/s (summed over the batch)")
         ax.set_title(f"{fixed_key} = {fixed}")
@@ -321,7 +385,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite",
         default="decode",
-        help=f"one of {', '.join([*SUITES, 'kernels', *LATER_SUITES])}, or several of the first three with commas",
+        help=f"one of {', '.join([*SUITES, 'kernels', *LATER_SUITES])}, or several (not kernels) with commas",
     )
     p.add_argument("--peers", default="hf,llamacpp", help="comma-separated: hf, llamacpp (or 'none')")
     p.add_argument("--dtypes", default="float32", help="jaxdecode dtypes, comma-separated")
@@ -329,6 +393,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", help="override the suite's batch sizes")
     p.add_argument("--prompt", type=int, nargs="+", help="override the suite's prompt lengths")
     p.add_argument("--new-tokens", type=int, help="override the suite's number of new tokens")
+    p.add_argument("--ppl-tokens", type=int, default=2048, help="quant suite: perplexity over the first N tokens")
+    p.add_argument("--ppl-window", type=int, default=1024, help="quant suite: in non-overlapping windows of W")
     p.add_argument("--json", help="write {machine, rows} here")
     p.add_argument("--plot", help="write a PNG of decode tokens/s vs context and vs batch here")
 
@@ -354,6 +420,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [d for d in args.dtypes if d not in ("float32", "bfloat16")]
     if bad:
         raise ValueError(f"unsupported dtype {bad[0]!r}; use float32 and/or bfloat16")
+    if args.ppl_window < 2 or args.ppl_tokens < args.ppl_window:
+        raise ValueError(f"need 2 <= --ppl-window <= --ppl-tokens, got {args.ppl_window} and {args.ppl_tokens}")
     if args.runs < 1:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:

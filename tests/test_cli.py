@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(args: list[str], stdin: str | None = None, tmp_path=None) -> subprocess.CompletedProcess:
     env = None
@@ -77,6 +79,23 @@ def test_bench_runs_jaxdecode_and_reports_every_peer(tmp_path):
     assert "skipped" not in report["rows"][0]
     assert "| decode | jaxdecode | float32 | 1 | 16 |" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_quant_suite_reports_bytes_speed_and_perplexity(tmp_path):
+    out = tmp_path / "quant.json"
+    args = ["bench", "--suite", "quant", "--peers", "none", "--runs", "1", "--new-tokens", "4"]
+    result = _run([*args, "--ppl-tokens", "256", "--ppl-window", "128", "--json", str(out)])
+    assert result.returncode == 0, result.stderr
+    rows = {r["quant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {None, "int8", "int4", "native"}
+    f32 = rows[None]
+    assert f32["param_bytes"] == 134_515_008 * 4  # SmolLM2-135M's parameters in float32
+    assert 3.9 < f32["param_bytes"] / rows["int8"]["param_bytes"] < 4.0  # int8 + one scale per row
+    assert rows["native"]["param_bytes"] < rows["int8"]["param_bytes"]
+    # native holds the very weights float32 is dequantized from; int8 is close to them
+    assert rows["native"]["perplexity"] == pytest.approx(f32["perplexity"], rel=1e-4)
+    assert rows["int8"]["perplexity"] == pytest.approx(f32["perplexity"], rel=0.02)
+    assert "| weights | params MB |" in result.stdout
 
 
 def test_bench_bad_arguments_are_one_line(tmp_path):

@@ -49,6 +49,11 @@ class GGUFFile:
             self.metadata[key] = field.contents()
 
     @property
+    def data_bytes(self) -> int:
+        """Bytes of all tensor data as stored."""
+        return sum(int(t.n_bytes) for t in self.reader.tensors)
+
+    @property
     def architecture(self) -> str:
         return self.metadata.get("general.architecture", "<missing>")
 
