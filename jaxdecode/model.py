@@ -126,6 +126,7 @@ class Attention(nn.Module):
         positions: jax.Array,
         layer_cache: tuple[jax.Array, jax.Array] | None,
         prefill: bool,
+        cache_start: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg, parallel = self.config, self.parallel
         batch, steps, _ = x.shape
@@ -149,13 +150,13 @@ class Attention(nn.Module):
         options = dict(scale=cfg.scale, alibi_slopes=slopes, window=cfg.sliding_window, impl=self.impl)
         q_heads = q.transpose(0, 2, 1, 3)  # [B, Hq, T, D]
 
+        start = positions[:, 0] if cache_start is None else cache_start
         if layer_cache is not None:
-            start = positions[:, 0]
             layer_cache = (write(layer_cache[0], k, start), write(layer_cache[1], v, start))
         if layer_cache is None or prefill:
             out = attention.prefill_attention(q_heads, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), **options)
         else:
-            lengths = positions[:, -1] + 1
+            lengths = start + steps
             out = attention.cached_attention(q_heads, layer_cache[0], layer_cache[1], lengths, **options)
         out = out.transpose(0, 2, 1, 3).reshape(batch, steps, num_heads * cfg.head_dim)
         return Linear(cfg.d_model, cfg.out_bias, parallel, name="o")(out), layer_cache
@@ -185,11 +186,11 @@ class Block(nn.Module):
     parallel: Parallel | None = None
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, prefill):
+    def __call__(self, x, positions, layer_cache, prefill, cache_start=None):
         cfg = self.config
         h = Norm(cfg, name="attn_norm")(x)
         attention_layer = Attention(cfg, self.impl, self.parallel, name="attn")
-        attn_out, layer_cache = attention_layer(h, positions, layer_cache, prefill)
+        attn_out, layer_cache = attention_layer(h, positions, layer_cache, prefill, cache_start)
         mlp = MLP(cfg, self.parallel, name="mlp")
         if cfg.parallel_block:
             mlp_in = Norm(cfg, name="mlp_norm")(x) if cfg.parallel_mlp_norm else h
@@ -215,6 +216,7 @@ class Decoder(nn.Module):
         kv_cache: KVCache | None = None,
         prefill: bool = False,
         logits_at: jax.Array | None = None,
+        cache_start: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg, parallel = self.config, self.parallel
         vocab = par.per_shard(par.padded_vocab(cfg.vocab_size, parallel), parallel)
@@ -231,7 +233,8 @@ class Decoder(nn.Module):
         keys, values = [], []
         for i in range(cfg.num_layers):
             layer_cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
-            x, layer_cache = Block(cfg, self.impl, parallel, name=f"layer_{i}")(x, positions, layer_cache, prefill)
+            block = Block(cfg, self.impl, parallel, name=f"layer_{i}")
+            x, layer_cache = block(x, positions, layer_cache, prefill, cache_start)
             if layer_cache is not None:
                 keys.append(layer_cache[0])
                 values.append(layer_cache[1])
@@ -251,7 +254,8 @@ class Decoder(nn.Module):
         logits = par.mask_vocab_padding(logits, cfg.vocab_size, parallel)
         new_cache = None
         if kv_cache is not None:
-            new_cache = KVCache(tuple(keys), tuple(values), (positions[:, -1] + 1).astype(jnp.int32))
+            start = positions[:, 0] if cache_start is None else cache_start
+            new_cache = KVCache(tuple(keys), tuple(values), (start + tokens.shape[1]).astype(jnp.int32))
         return logits, new_cache
 
 
@@ -266,6 +270,7 @@ def apply(
     logits_at: jax.Array | None = None,
     attention_impl: str = "auto",
     parallel: Parallel | None = None,
+    cache_start: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder.
 
@@ -283,6 +288,9 @@ def apply(
       attention_impl: the attention dispatch implementation (see `attention.py`).
       parallel: set when running as one shard inside `shard_map` (`parallel.py`); params, cache and the
         returned logits (`[..., padded vocab / model shards]`) are then this shard's.
+      cache_start: int32 `[B]`: the cache slot of each row's first token when it is not its position
+        (a compacted cache, e.g. the StreamingLLM view of self-speculative drafting); default
+        `positions[:, 0]`. Positions still set RoPE / ALiBi / learned embeddings.
 
     Returns:
       (logits float32 `[B, T, vocab]` or `[B, vocab]`, the updated cache or None).
@@ -290,7 +298,7 @@ def apply(
     embed = params["embed"]
     dtype = jnp.dtype(embed.dtype) if isinstance(embed, QuantizedWeight) else embed.dtype
     return Decoder(config, attention_impl, dtype, parallel).apply(
-        {"params": params}, tokens, positions, kv_cache, prefill, logits_at
+        {"params": params}, tokens, positions, kv_cache, prefill, logits_at, cache_start
     )
 
 

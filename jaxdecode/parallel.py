@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .config import ModelConfig
+from .kv_cache import KVCache
 from .quantize import QuantizedWeight, take_rows
 
 DATA, MODEL = "data", "model"
@@ -237,23 +238,23 @@ def _row_spec(x: Any) -> Any:
     return P(DATA) if isinstance(x, tuple) or jnp.ndim(x) else P()
 
 
-def decode_state_specs(with_seen: bool) -> Any:
-    """The specs of a `generate.DecodeState`: the cache over data and KV heads, the rest per row."""
-    from .generate import DecodeState
-    from .kv_cache import KVCache
+_SCALAR_FIELDS = ("step", "rounds")  # loop counters, the same on every device
 
-    row = P(DATA)
-    cache = KVCache(keys=P(DATA, MODEL), values=P(DATA, MODEL), lengths=row)
-    return DecodeState(
-        kv_cache=cache,
-        last_token=row,
-        step=P(),
-        tokens=row,
-        num_tokens=row,
-        done=row,
-        seen=row if with_seen else None,
-        keys=row,
-    )
+
+def state_specs(state: Any) -> Any:
+    """The specs of a loop state (`generate.DecodeState`, `speculative.SpecState`) or a `KVCache`: caches
+    over data and KV heads, counters replicated, everything else per row; absent fields stay None."""
+    if isinstance(state, KVCache):
+        return KVCache(keys=P(DATA, MODEL), values=P(DATA, MODEL), lengths=P(DATA))
+    fields = {}
+    for name, value in state._asdict().items():
+        if value is None:
+            fields[name] = None
+        elif isinstance(value, KVCache):
+            fields[name] = state_specs(value)
+        else:
+            fields[name] = P() if name in _SCALAR_FIELDS else P(DATA)
+    return type(state)(**fields)
 
 
 def sharded_generate_fn(fn: Any, mesh: Mesh) -> Any:
@@ -261,11 +262,19 @@ def sharded_generate_fn(fn: Any, mesh: Mesh) -> Any:
     `shard_map` over the mesh: each device runs `fn` on its shard with `parallel` set."""
     parallel = parallel_of(mesh)
 
+    def spec(a: Any) -> Any:
+        if isinstance(a, dict):  # a second model's params (the speculative draft)
+            return param_specs(a)
+        if isinstance(a, KVCache) or hasattr(a, "kv_cache"):
+            return state_specs(a)
+        return _row_spec(a)
+
     def run(params, *rest, **statics):
-        state_specs = decode_state_specs(statics["plan"].repetition_penalty)
-        in_specs = (param_specs(params), *(state_specs if hasattr(a, "kv_cache") else _row_spec(a) for a in rest))
+        in_specs = (param_specs(params), *map(spec, rest))
+        # The output's structure (not its shapes) from the unsharded function, traced abstractly.
+        out_specs = spec(jax.eval_shape(partial(fn, **statics), params, *rest))
         local = partial(fn, **statics, parallel=parallel)
-        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=state_specs, check_vma=False)(params, *rest)
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(params, *rest)
 
     return run
 

@@ -77,10 +77,11 @@ def test_bench_runs_jaxdecode_and_reports_every_peer(tmp_path):
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_rss_mb"):
             assert row[key] > 0, (row["engine"], key)
     assert "skipped" not in report["rows"][0]
-    assert "| decode | jaxdecode | float32 | 1 | 16 |" in result.stdout
+    assert "| decode | jaxdecode float32 | 1 | 16 |" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # four formats, each loaded and compiled in its own process (~2 minutes)
 def test_bench_quant_suite_reports_bytes_speed_and_perplexity(tmp_path):
     out = tmp_path / "quant.json"
     args = ["bench", "--suite", "quant", "--peers", "none", "--runs", "1", "--new-tokens", "4"]

@@ -167,7 +167,7 @@ def _materialised_float_sizes(hlo: str) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4", "native"])
+@pytest.mark.parametrize("quant", ["int8", pytest.param("int4", marks=pytest.mark.slow), "native"])
 def test_decode_loop_never_materialises_a_float_weight(quant):
     model = jd.load("smollm2-135m", quant=quant)
     jd.generate(model, [[504, 3575, 282, 4649, 314]], max_new_tokens=4, stop_ids=())

@@ -1,0 +1,442 @@
+"""Speculative decoding: a cheap draft proposes `gamma` tokens, the model verifies them in one pass.
+
+Two drafts:
+- `SelfSpeculative` (MagicDec): the model itself, attending only to a StreamingLLM view of its own KV
+  cache, the first `sinks` entries plus the most recent `budget - sinks`. Each round gathers that view
+  into a small cache (`budget + gamma + 1` slots) and drafts on it; there is no second full-length
+  cache. Keys in the cache already carry their RoPE rotation, so the view keeps true positions.
+- `DraftModel`: a smaller model with the same tokenizer and its own (full) cache. It drafts gamma + 1
+  steps so that its cache always holds every token up to the last draft, then is rolled back with the
+  target's cache.
+
+Verification (`verify`) is the standard rule (Leviathan et al. 2023; Chen et al. 2023): accept draft
+token x_i with probability min(1, p(x_i) / q(x_i)); at the first rejection draw from
+norm(max(0, p - q)); when all are accepted draw a bonus token from p. Temperature / top-k / top-p /
+min-p are applied identically to p and q first, so the output distribution is exactly the model's.
+Greedy rows use one-hot distributions, which reduces the rule to "the longest prefix where the
+model's argmax agrees, plus the model's next token". Every row accepts its own count; each cache's
+length is rolled back to what its row accepted (entries beyond are overwritten later).
+
+Everything is a pure function under `jit`; `speculative_loop` runs the rounds in one `lax.while_loop`
+and, with `parallel` set, as one shard of a `shard_map` (greedy uses the distributed argmax; sampled
+rows gather the vocabulary, and every shard draws the same numbers from the replicated per-row keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import parallel as par
+from .config import ModelConfig
+from .generate import DecodeState
+from .kv_cache import KVCache, init_cache
+from .model import Params, apply
+from .parallel import Parallel
+from .sampling import SamplingArrays, SamplingPlan, filter_logits
+
+# Random streams of a round (folded into each row's key with the round number).
+_DRAFT, _ACCEPT, _RESIDUAL = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfSpeculative:
+    """MagicDec self-speculation: draft with the model on a StreamingLLM view of its cache.
+
+    budget: cache entries the draft reads (sinks + the most recent budget - sinks).
+    sinks: the first entries, always visible ("attention sinks").
+    gamma: tokens drafted per round; None picks it with `choose_gamma` (the cost model).
+    acceptance: the per-token acceptance rate the cost model assumes when gamma is None.
+    """
+
+    budget: int = 512
+    sinks: int = 16
+    gamma: int | None = None
+    acceptance: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sinks < self.budget:
+            raise ValueError(f"need 0 <= sinks < budget, got sinks={self.sinks}, budget={self.budget}")
+        _check_gamma(self.gamma)
+        if not 0.0 < self.acceptance < 1.0:
+            raise ValueError(f"acceptance must be in (0, 1), got {self.acceptance}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModel:
+    """Draft with a smaller model (a `jaxdecode.Model` with the target's tokenizer) for `gamma` tokens."""
+
+    draft: Any
+    gamma: int = 4
+
+    def __post_init__(self) -> None:
+        _check_gamma(self.gamma)
+
+
+def _check_gamma(gamma: int | None) -> None:
+    if gamma is not None and not 1 <= gamma <= 16:
+        raise ValueError(f"gamma must be between 1 and 16 tokens per round, got {gamma}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The cost model.
+
+
+def expected_tokens(acceptance: float, gamma: int) -> float:
+    """Tokens per round when each draft token is accepted with probability `acceptance`: (1-a^(g+1))/(1-a)."""
+    return (1 - acceptance ** (gamma + 1)) / (1 - acceptance)
+
+
+def predicted_speedup(
+    acceptance: float, gamma: int, weight_bytes: float, kv_bytes_per_token: float, batch: int, context: int, budget: int
+) -> float:
+    """Speedup over plain decoding when every pass is memory-bound (MagicDec's model): a pass costs the
+    bytes it reads, weights once plus the KV entries each row attends to. The draft reads
+    `min(budget, context)` entries per row, the target and the verification (gamma + 1 tokens in one
+    pass) the whole context."""
+    target = weight_bytes + batch * context * kv_bytes_per_token
+    draft = weight_bytes + batch * min(budget, context) * kv_bytes_per_token
+    return expected_tokens(acceptance, gamma) / ((gamma * draft + target) / target)
+
+
+def choose_gamma(acceptance: float, **costs: Any) -> int:
+    """The gamma in 1..8 with the best `predicted_speedup`."""
+    return max(range(1, 9), key=lambda g: predicted_speedup(acceptance, g, **costs))
+
+
+# ------------------------------------------------------------------------------------------------
+# The StreamingLLM view.
+
+
+def streaming_view(cache: KVCache, budget: int, sinks: int, extra: int) -> KVCache:
+    """Gather each row's first `sinks` entries and latest `budget - sinks` entries (all entries when the
+    row holds <= budget) into a cache of `budget + extra` slots; its lengths are `min(length, budget)`."""
+    lengths = cache.lengths
+    slots = jnp.arange(budget)[None, :]  # [1, budget]
+    recent = lengths[:, None] - budget + slots  # the last budget - sinks entries, for slots >= sinks
+    index = jnp.where((lengths[:, None] > budget) & (slots >= sinks), recent, slots)  # [B, budget]
+
+    def gather(buffer: jax.Array) -> jax.Array:  # [B, H, S, D] -> [B, H, budget + extra, D]
+        picked = jnp.take_along_axis(buffer, index[:, None, :, None], axis=2)
+        return jnp.pad(picked, ((0, 0), (0, 0), (0, extra), (0, 0)))
+
+    return KVCache(
+        tuple(map(gather, cache.keys)), tuple(map(gather, cache.values)), jnp.minimum(lengths, budget).astype(jnp.int32)
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributions and the verification rule.
+
+
+def distributions(logits: jax.Array, sampling: SamplingArrays, plan: SamplingPlan) -> jax.Array:
+    """Sampling distributions float32 `[B, T, V]` from logits `[B, T, V]`: temperature and filters as
+    in `sampling.sample`, one-hot on the argmax for greedy rows (temperature 0)."""
+    batch, steps, vocab = logits.shape
+    flat = logits.reshape(batch * steps, vocab).astype(jnp.float32)
+    repeat = jax.tree.map(lambda a: jnp.repeat(a, steps, axis=0), sampling)
+    probs = jax.nn.softmax(filter_logits(flat, repeat, plan), axis=-1)
+    one_hot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), vocab, dtype=jnp.float32)
+    probs = jnp.where(repeat.temperature[:, None] > 0, probs, one_hot)
+    return probs.reshape(batch, steps, vocab)
+
+
+def _categorical(keys: jax.Array, probs: jax.Array) -> jax.Array:
+    """One draw per row: keys `[B]`, probs `[B, V]` -> int32 `[B]`."""
+    return jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p)))(keys, probs).astype(jnp.int32)
+
+
+def verify(draft_tokens: jax.Array, q: jax.Array, p: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The speculative rule, per row.
+
+    draft_tokens int32 `[B, g]`; q `[B, g, V]` the draft's distributions they were drawn from; p
+    `[B, g + 1, V]` the model's distributions at the same positions plus one; keys `[B]` (this round's).
+    Returns (tokens int32 `[B, g + 1]`, accepted int32 `[B]`): the row's new tokens are
+    `tokens[b, :accepted[b] + 1]` (accepted draft tokens, then the correction or bonus token).
+    """
+    gamma = draft_tokens.shape[1]
+    p_draft = jnp.take_along_axis(p[:, :gamma], draft_tokens[..., None], axis=-1)[..., 0]
+    q_draft = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]
+    uniform = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, _ACCEPT), (gamma,)))(keys)
+    # u < p/q written without dividing (q > 0 for a drawn token; q == 0 would reject)
+    accept = uniform * q_draft < p_draft
+    accepted = jnp.sum(jnp.cumprod(accept, axis=1), axis=1).astype(jnp.int32)  # [B]
+    p_next = jnp.take_along_axis(p, accepted[:, None, None], axis=1)[:, 0]  # [B, V]
+    q_padded = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # no draft after the last: bonus from p
+    q_next = jnp.take_along_axis(q_padded, accepted[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(p_next - q_next, 0.0)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_next)  # p == q: rejection impossible
+    final = _categorical(jax.vmap(lambda k: jax.random.fold_in(k, _RESIDUAL))(keys), residual)
+    tokens = jnp.concatenate([draft_tokens, jnp.zeros_like(draft_tokens[:, :1])], axis=1)
+    tokens = jnp.where(jnp.arange(gamma + 1)[None, :] == accepted[:, None], final[:, None], tokens)
+    return tokens, accepted
+
+
+def verify_greedy(draft_tokens: jax.Array, target_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Greedy verification: draft `[B, g]`, the model's argmax `[B, g + 1]` -> (tokens, accepted) as in
+    `verify` (accepted draft tokens equal the model's, so the new tokens are the model's argmax)."""
+    match = draft_tokens == target_tokens[:, :-1]
+    return target_tokens, jnp.sum(jnp.cumprod(match, axis=1), axis=1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class SpecState(NamedTuple):
+    """What the speculative loop carries. Row b's output is `tokens[b, :count[b]]` (may run past the
+    requested number of tokens by up to gamma; the caller trims)."""
+
+    kv_cache: KVCache
+    draft_cache: KVCache | None  # DraftModel only
+    last_token: jax.Array  # int32 [B]: generated, not yet in the caches
+    tokens: jax.Array  # int32 [B, N + gamma + 1]
+    count: jax.Array  # int32 [B]: tokens generated (a stop token and what follows it in its round included)
+    done: jax.Array  # bool [B]: a stop token was generated
+    keys: jax.Array  # [B]
+    rounds: jax.Array  # int32 []
+    accepted: jax.Array  # int32 [B]: draft tokens accepted so far
+    drafted: jax.Array  # int32 [B]: draft tokens proposed (while the row was running)
+
+
+def start_state(state: DecodeState, gamma: int, draft_cache: KVCache | None = None) -> SpecState:
+    """The speculative loop's state after `generate.prefill` (which produced each row's first token)."""
+    batch, buffer = state.tokens.shape
+    tokens = jnp.zeros((batch, buffer + gamma + 1), jnp.int32).at[:, :buffer].set(state.tokens)
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return SpecState(
+        state.kv_cache,
+        draft_cache,
+        state.last_token,
+        tokens,
+        zeros + 1,
+        state.done,
+        state.keys,
+        state.step * 0,
+        zeros,
+        zeros,
+    )
+
+
+def _greedy_tokens(logits: jax.Array, parallel: Parallel | None) -> jax.Array:
+    """argmax int32 `[B, T]` of (vocab-sharded) logits `[B, T, V_local]`."""
+    batch, steps, vocab = logits.shape
+    return par.argmax_tokens(logits.reshape(batch * steps, vocab), parallel).reshape(batch, steps)
+
+
+def _draft(
+    draft_params: Params,
+    draft_config: ModelConfig,
+    cache: KVCache,
+    last_token: jax.Array,
+    positions: jax.Array,
+    steps: int,
+    keys: jax.Array,
+    sampling: SamplingArrays,
+    plan: SamplingPlan,
+    attention_impl: str,
+    parallel: Parallel | None,
+) -> tuple[KVCache, jax.Array, jax.Array | None]:
+    """`steps` single-token draft passes from `last_token` at true `positions` `[B]` (cache slots from
+    `cache.lengths`). Returns (cache, draft tokens `[B, steps]`, their distributions `[B, steps, V]` or
+    None when every row is greedy)."""
+
+    def one(carry, i):
+        cache, token = carry
+        logits, cache = apply(
+            draft_params,
+            draft_config,
+            token[:, None],
+            (positions + i)[:, None],
+            cache,
+            logits_at=jnp.zeros_like(token),
+            attention_impl=attention_impl,
+            parallel=parallel,
+            cache_start=cache.lengths,
+        )
+        if plan.all_greedy:
+            nxt = par.argmax_tokens(logits, parallel)
+            return (cache, nxt), (nxt, jnp.zeros((), jnp.float32))
+        logits = par.gather_vocab(logits, draft_config.vocab_size, parallel)
+        probs = distributions(logits[:, None], sampling, plan)[:, 0]
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, _DRAFT), i))(keys)
+        nxt = _categorical(step_keys, probs)
+        return (cache, nxt), (nxt, probs)
+
+    (cache, _), (tokens, probs) = lax.scan(one, (cache, last_token), jnp.arange(steps))
+    tokens = tokens.T  # [B, steps]
+    return cache, tokens, None if plan.all_greedy else probs.transpose(1, 0, 2)
+
+
+def speculative_round(
+    params: Params,
+    config: ModelConfig,
+    state: SpecState,
+    sampling: SamplingArrays,
+    draft_params: Params | None,
+    draft_config: ModelConfig | None,
+    running: jax.Array,
+    *,
+    plan: SamplingPlan,
+    gamma: int,
+    budget: int = 512,
+    sinks: int = 16,
+    stop_ids: tuple[int, ...] = (),
+    attention_impl: str = "auto",
+    parallel: Parallel | None = None,
+) -> SpecState:
+    """Draft gamma tokens per row, verify them in one pass of the model over gamma + 1 positions, keep
+    each row's accepted tokens and roll its caches back to them. `draft_params` None: self-speculation.
+    Rows where `running` (bool `[B]`) is False compute along but keep their state (and cache length)."""
+    lengths = state.kv_cache.lengths
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, state.rounds)
+    if draft_params is None:
+        view = streaming_view(state.kv_cache, budget, sinks, gamma + 1)
+        _, drafted, q = _draft(
+            params, config, view, state.last_token, lengths, gamma, keys, sampling, plan, attention_impl, parallel
+        )
+        draft_cache = None
+    else:  # gamma + 1 steps: the draft's cache then holds the last draft token too
+        draft_cache, drafted, q = _draft(
+            draft_params,
+            draft_config,
+            state.draft_cache,
+            state.last_token,
+            lengths,
+            gamma + 1,
+            keys,
+            sampling,
+            plan,
+            attention_impl,
+            parallel,
+        )
+        drafted, q = drafted[:, :gamma], None if q is None else q[:, :gamma]
+
+    block = jnp.concatenate([state.last_token[:, None], drafted], axis=1)  # [B, gamma + 1]
+    positions = lengths[:, None] + jnp.arange(gamma + 1)[None, :]
+    logits, cache = apply(
+        params, config, block, positions, state.kv_cache, attention_impl=attention_impl, parallel=parallel
+    )
+    if plan.all_greedy:
+        tokens, accepted = verify_greedy(drafted, _greedy_tokens(logits, parallel))
+    else:
+        p = distributions(par.gather_vocab(logits, config.vocab_size, parallel), sampling, plan)
+        tokens, accepted = verify(drafted, q, p, keys)
+
+    new = accepted + 1
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    slots = state.count[:, None] + jnp.arange(gamma + 1)[None, :]
+    buffer = state.tokens.at[rows, slots].set(tokens, mode="drop")
+    valid = jnp.arange(gamma + 1)[None, :] < new[:, None]
+    is_stop = jnp.isin(tokens, jnp.asarray(stop_ids, jnp.int32)) & valid if stop_ids else jnp.zeros_like(valid)
+    new_lengths = jnp.where(running, lengths + new, lengths)  # the last token and accepted drafts are cached
+    last = jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
+    return SpecState(
+        kv_cache=cache._replace(lengths=new_lengths),
+        draft_cache=None if draft_cache is None else draft_cache._replace(lengths=new_lengths),
+        last_token=jnp.where(running, last, state.last_token),
+        tokens=buffer,
+        count=jnp.where(running, state.count + new, state.count),
+        done=state.done | (running & jnp.any(is_stop, axis=1)),
+        keys=state.keys,
+        rounds=state.rounds + 1,
+        accepted=state.accepted + jnp.where(running, accepted, 0),
+        drafted=state.drafted + jnp.where(running, gamma, 0),
+    )
+
+
+def speculative_loop(
+    params: Params,
+    config: ModelConfig,
+    state: DecodeState,
+    sampling: SamplingArrays,
+    draft_params: Params | None,
+    draft_cache: KVCache | None,
+    max_new_tokens: jax.Array | int,
+    *,
+    draft_config: ModelConfig | None = None,
+    plan: SamplingPlan,
+    gamma: int,
+    budget: int = 512,
+    sinks: int = 16,
+    stop_ids: tuple[int, ...] = (),
+    attention_impl: str = "auto",
+    parallel: Parallel | None = None,
+) -> SpecState:
+    """From the state after `generate.prefill` (and `draft_prefill`'s cache for a draft model), rounds
+    until every row has `max_new_tokens` tokens or a stop token. The caches must hold
+    prompt + max_new_tokens + 2 (gamma + 1) slots (`cache_slots`)."""
+    limit = jnp.asarray(max_new_tokens, jnp.int32)
+
+    def cond(s: SpecState) -> jax.Array:
+        running = jnp.any(~s.done & (s.count < limit))
+        if parallel is not None:  # every shard runs the same rounds
+            running = lax.pmax(running.astype(jnp.int32), (parallel.data_axis, parallel.model_axis)) > 0
+        return running
+
+    def body(s: SpecState) -> SpecState:
+        # As in generate.decode_loop: tie the params to the loop state so no work on them is hoisted.
+        (step_params, step_draft), s = lax.optimization_barrier(((params, draft_params), s))
+        return speculative_round(
+            step_params,
+            config,
+            s,
+            sampling,
+            step_draft,
+            draft_config,
+            ~s.done & (s.count < limit),
+            plan=plan,
+            gamma=gamma,
+            budget=budget,
+            sinks=sinks,
+            stop_ids=stop_ids,
+            attention_impl=attention_impl,
+            parallel=parallel,
+        )
+
+    return lax.while_loop(cond, body, start_state(state, gamma, draft_cache))
+
+
+def draft_prefill(
+    draft_params: Params,
+    draft_config: ModelConfig,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    *,
+    cache_len: int,
+    attention_impl: str = "auto",
+    parallel: Parallel | None = None,
+) -> KVCache:
+    """The draft model's cache after the prompts (right-padded `[B, T]`), lengths = prompt lengths."""
+    batch, steps = prompt_tokens.shape
+    num_kv = par.local_kv_heads(draft_config.num_kv_heads, parallel)
+    cache = init_cache(draft_config, batch, cache_len, _dtype(draft_params), num_kv)
+    positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (batch, steps))
+    _, cache = apply(
+        draft_params,
+        draft_config,
+        prompt_tokens,
+        positions,
+        cache,
+        prefill=True,
+        logits_at=prompt_lengths - 1,
+        attention_impl=attention_impl,
+        parallel=parallel,
+    )
+    return cache._replace(lengths=prompt_lengths.astype(jnp.int32))
+
+
+def _dtype(params: Params) -> Any:
+    embed = params["embed"]
+    return jnp.dtype(embed.dtype)
+
+
+def cache_slots(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
+    """Cache slots a speculative run needs (verification writes gamma + 1 entries past the last one)."""
+    return int(math.ceil((prompt_len + max_new_tokens + 2 * (gamma + 1)) / 16) * 16)
