@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and speeds")
+    gen.add_argument(
+        "--speculative", choices=["self", "draft"], help="self: MagicDec self-speculation; draft: --draft-model drafts"
+    )
+    gen.add_argument("--draft-model", help="the draft for --speculative draft (same tokenizer, smaller)")
+    gen.add_argument("--gamma", type=int, help="tokens drafted per round (default: the cost model's; 4 for a draft)")
+    gen.add_argument("--budget", type=int, default=512, help="self-speculation: KV entries the draft reads")
+    gen.add_argument("--sinks", type=int, default=16, help="self-speculation: first entries always read")
     _add_model_args(gen)
     chat = sub.add_parser("chat", help="an interactive chat with the model's chat template")
     chat.add_argument("--system", default=None, help="a system message")
@@ -153,16 +160,59 @@ def _eval_ppl(args: argparse.Namespace) -> None:
         print(f"perplexity {value:.4f} over {count} scored tokens (windows of {args.window}, {args.model})")
 
 
+def _speculative(args: argparse.Namespace):
+    """The `speculative=` setting from the command line (None without --speculative)."""
+    import jaxdecode as jd
+
+    if args.speculative is None:
+        if args.draft_model:
+            raise ValueError("--draft-model needs --speculative draft")
+        return None
+    if args.speculative == "self":
+        return jd.SelfSpeculative(budget=args.budget, sinks=args.sinks, gamma=args.gamma)
+    if not args.draft_model:
+        raise ValueError("--speculative draft needs --draft-model (a smaller model with the same tokenizer)")
+    return "draft"  # loaded after the target, see _generate
+
+
 def _generate(args: argparse.Namespace) -> None:
     import jaxdecode as jd
 
     sampling = _sampling(args)  # validate settings before the slow load
+    speculative = _speculative(args)
     model = _load(args)
+    if speculative == "draft":
+        draft = jd.load(args.draft_model, dtype=args.dtype, attention=args.attention)
+        speculative = jd.DraftModel(draft, gamma=args.gamma or 4)
     prompt = args.prompt
     if args.chat:
         prompt = model.require_tokenizer().apply_chat_template([{"role": "user", "content": prompt}])
+    if speculative is not None and not args.json:  # no token-by-token streaming: print the whole text
+        out = jd.generate(
+            model,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            sampling=sampling,
+            seed=args.seed,
+            speculative=speculative,
+        )
+        print(out.text[0])
+        info = out.speculation
+        print(
+            f"gamma {info['gamma']}, acceptance {info['acceptance_rate']:.2f}, "
+            f"{info['tokens_per_round']:.2f} tokens per round, decode {out.decode_tokens_per_s:.1f} tok/s",
+            file=sys.stderr,
+        )
+        return
     if args.json:
-        out = jd.generate(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+        out = jd.generate(
+            model,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            sampling=sampling,
+            seed=args.seed,
+            speculative=speculative,
+        )
         record = {
             "prompt_tokens": out.prompt_tokens[0],
             "tokens": out.tokens[0],
@@ -171,6 +221,7 @@ def _generate(args: argparse.Namespace) -> None:
             "prefill_tokens_per_s": out.prefill_tokens_per_s,
             "decode_tokens_per_s": out.decode_tokens_per_s,
             "compile_s": out.compile_s,
+            "speculation": out.speculation,
         }
         print(json.dumps(record))
         return

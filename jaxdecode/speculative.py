@@ -196,7 +196,7 @@ class SpecState(NamedTuple):
     kv_cache: KVCache
     draft_cache: KVCache | None  # DraftModel only
     last_token: jax.Array  # int32 [B]: generated, not yet in the caches
-    tokens: jax.Array  # int32 [B, N + gamma + 1]
+    tokens: jax.Array  # int32 [B, N + 2 (gamma + 1)] (the prefill's buffer, sized by the caller)
     count: jax.Array  # int32 [B]: tokens generated (a stop token and what follows it in its round included)
     done: jax.Array  # bool [B]: a stop token was generated
     keys: jax.Array  # [B]
@@ -205,22 +205,21 @@ class SpecState(NamedTuple):
     drafted: jax.Array  # int32 [B]: draft tokens proposed (while the row was running)
 
 
-def start_state(state: DecodeState, gamma: int, draft_cache: KVCache | None = None) -> SpecState:
-    """The speculative loop's state after `generate.prefill` (which produced each row's first token)."""
-    batch, buffer = state.tokens.shape
-    tokens = jnp.zeros((batch, buffer + gamma + 1), jnp.int32).at[:, :buffer].set(state.tokens)
-    zeros = jnp.zeros((batch,), jnp.int32)
+def start_state(state: DecodeState, draft_cache: KVCache | None = None) -> SpecState:
+    """The speculative loop's state after `generate.prefill` (which produced each row's first token; its
+    token buffer must hold gamma + 1 slots more than the tokens wanted)."""
+    count, accepted, drafted = (jnp.zeros(state.last_token.shape, jnp.int32) for _ in range(3))
     return SpecState(
         state.kv_cache,
         draft_cache,
         state.last_token,
-        tokens,
-        zeros + 1,
+        state.tokens,
+        count + 1,
         state.done,
         state.keys,
-        state.step * 0,
-        zeros,
-        zeros,
+        rounds=state.step * 0,
+        accepted=accepted,
+        drafted=drafted,
     )
 
 
@@ -400,7 +399,7 @@ def speculative_loop(
             parallel=parallel,
         )
 
-    return lax.while_loop(cond, body, start_state(state, gamma, draft_cache))
+    return lax.while_loop(cond, body, start_state(state, draft_cache))
 
 
 def draft_prefill(
