@@ -39,7 +39,8 @@ SUITES: dict[str, dict[str, Any]] = {
     # jaxdecode float32 with each weight format vs llama.cpp on the GGUF's Q4_1, plus bytes and perplexity
     "quant": {"batch": [1], "prompt": [128], "new_tokens": 128, "quants": [None, "int8", "int4", "native"]},
 }
-LATER_SUITES = {"spec": "the speculative-decoding issue"}
+# Speculative decoding (its own runner): plain vs speculative decode on one prefilled cache per shape.
+SPEC_SUITE = {"batch": [1, 4, 16], "context": [1024, 4096, 8000], "gamma": [1, 2, 3, 4], "budget": [256, 512]}
 INT4_GROUP = 128
 PEERS = ("hf", "llamacpp")
 PEER_MODULES = {"hf": ("transformers", "torch"), "llamacpp": ("llama_cpp",)}
@@ -385,7 +386,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite",
         default="decode",
-        help=f"one of {', '.join([*SUITES, 'kernels', *LATER_SUITES])}, or several (not kernels) with commas",
+        help=f"one of {', '.join([*SUITES, 'kernels', 'spec'])}, or several (not kernels or spec) with commas",
     )
     p.add_argument("--peers", default="hf,llamacpp", help="comma-separated: hf, llamacpp (or 'none')")
     p.add_argument("--dtypes", default="float32", help="jaxdecode dtypes, comma-separated")
@@ -393,6 +394,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", help="override the suite's batch sizes")
     p.add_argument("--prompt", type=int, nargs="+", help="override the suite's prompt lengths")
     p.add_argument("--new-tokens", type=int, help="override the suite's number of new tokens")
+    p.add_argument("--context", type=int, nargs="+", help="spec suite: context lengths (prompt tokens)")
+    p.add_argument("--gamma", type=int, nargs="+", help="spec suite: tokens drafted per round")
+    p.add_argument("--budget", type=int, nargs="+", help="spec suite: KV entries the self-draft reads")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="quant suite: perplexity over the first N tokens")
     p.add_argument("--ppl-window", type=int, default=1024, help="quant suite: in non-overlapping windows of W")
     p.add_argument("--json", help="write {machine, rows} here")
@@ -403,14 +407,20 @@ def run(args: argparse.Namespace) -> int:
     """The CLI's `bench` command. Raises ValueError on bad arguments (the CLI prints one line)."""
     suites = args.suite.split(",")
     for suite in suites:
-        if suite in LATER_SUITES:
-            raise ValueError(f"suite {suite!r} is not available yet: it arrives with {LATER_SUITES[suite]}")
-        if suite not in SUITES and suites != ["kernels"]:
-            raise ValueError(f"unknown suite {suite!r}; choose from {', '.join([*SUITES, 'kernels'])}")
+        if suite not in SUITES and suites not in (["kernels"], ["spec"]):
+            raise ValueError(f"unknown suite {suite!r}; choose from {', '.join([*SUITES, 'kernels', 'spec'])}")
     if suites == ["kernels"]:
         from pallas_kernels import benchmark
 
         benchmark.main([] if args.json is None else ["--json", args.json])
+        return 0
+    if suites == ["spec"]:
+        print(f"machine: {machine()}", file=sys.stderr)
+        rows = run_spec(args)
+        print(spec_table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine(), "suite": "spec", "rows": rows}, f, indent=1)
         return 0
     args.peers = [] if args.peers in ("", "none") else args.peers.split(",")
     unknown = [p for p in args.peers if p not in PEERS]
@@ -438,9 +448,136 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# The spec suite.
+
+
+def spec_child(shape: dict, runs: int) -> list[dict]:
+    """One (batch, context): prefill one row of `context` prompt tokens, copy its cache to every row
+    (prefilling 16 x 8000 tokens would take minutes and measure nothing new), then time the plain
+    decode loop and the self-speculative loop for each (gamma, budget) and for the cost model's gamma,
+    each from a fresh copy of the same state, `new_tokens` greedy tokens per row, median of `runs`."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxdecode as jd
+
+    from . import api, speculative
+    from .generate import decode_loop
+
+    batch, context, new_tokens = shape["batch"], shape["context"], shape["new_tokens"]
+    model = jd.load("smollm2-135m")
+    max_gamma = max([*shape["gamma"], 8])
+    _, arrays, statics, state, _, _, _ = api._start(
+        model, [prompt_ids(context)], new_tokens, jd.Sampling(), 0, (), extra_slots=2 * (max_gamma + 1)
+    )
+    tile = lambda tree: jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0) if jnp.ndim(a) else a, tree)  # noqa: E731
+    state, arrays = tile(state), tile(arrays)
+    limit = np.int32(new_tokens)
+
+    def timed(name, fn, statics_, args):
+        exe, _ = api._compiled(model, name, fn, statics_, (model.params, state, *args), donate=(1,))
+        seconds, out = [], None
+        for _ in range(runs + 1):  # the first run warms up
+            fresh = jax.tree.map(jnp.copy, state)
+            start = time.perf_counter()
+            out = jax.block_until_ready(exe(model.params, fresh, *args))
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds[1:]), out
+
+    plain_s, _ = timed("decode_loop", decode_loop, statics, (arrays, limit))
+    plain = batch * (new_tokens - 1) / plain_s
+    cfg = model.config
+    costs = dict(
+        weight_bytes=jd.quantize.param_bytes(model.params),
+        kv_bytes_per_token=cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4,
+        batch=batch,
+        context=context,
+    )
+    rows = []
+    configs = [(g, b, False) for b in shape["budget"] for g in shape["gamma"]]
+    configs += [(speculative.choose_gamma(0.8, budget=b, **costs), b, True) for b in shape["budget"]]
+    for gamma, budget, chosen in configs:
+        spec_statics = {**statics, "draft_config": None, "gamma": gamma, "budget": budget, "sinks": 16}
+        spec_s, out = timed("speculative_loop", speculative.speculative_loop, spec_statics, (arrays, None, None, limit))
+        produced = np.minimum(np.asarray(out.count), new_tokens) - 1
+        acceptance = float(np.sum(out.accepted) / max(np.sum(out.drafted), 1))
+        spec = float(np.sum(produced)) / spec_s
+        predicted = speculative.predicted_speedup(acceptance, gamma, budget=budget, **costs)
+        rows.append(
+            {
+                "suite": "spec",
+                "batch": batch,
+                "context": context,
+                "gamma": gamma,
+                "gamma_from_cost_model": chosen,
+                "budget": budget,
+                "acceptance": acceptance,
+                "plain_tokens_per_s": plain,
+                "spec_tokens_per_s": spec,
+                "speedup": spec / plain,
+                "predicted_speedup": predicted,
+                "new_tokens": new_tokens,
+            }
+        )
+        print(_spec_line(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def _spec_line(r: dict) -> str:
+    how = "cost model" if r["gamma_from_cost_model"] else "fixed"
+    return (
+        f"batch {r['batch']} context {r['context']} budget {r['budget']} gamma {r['gamma']} ({how}): "
+        f"acceptance {r['acceptance']:.2f}, plain {r['plain_tokens_per_s']:.1f} tok/s, speculative "
+        f"{r['spec_tokens_per_s']:.1f} tok/s, {r['speedup']:.2f}x (predicted {r['predicted_speedup']:.2f}x)"
+    )
+
+
+def spec_table(rows: list[dict]) -> str:
+    lines = [
+        "| batch | context | budget | gamma | acceptance | plain tok/s | speculative tok/s | speedup | predicted |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gamma = f"{r['gamma']} (cost model)" if r["gamma_from_cost_model"] else str(r["gamma"])
+        cells = [r["batch"], r["context"], r["budget"], gamma, f"{r['acceptance']:.2f}"]
+        cells += [f"{r['plain_tokens_per_s']:.1f}", f"{r['spec_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x"]
+        cells += [f"{r['predicted_speedup']:.2f}x"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def run_spec(args: argparse.Namespace) -> list[dict]:
+    """Each (batch, context) in its own process."""
+    rows = []
+    for context in args.context or SPEC_SUITE["context"]:
+        for batch in args.batch or SPEC_SUITE["batch"]:
+            shape = {
+                "batch": batch,
+                "context": context,
+                "new_tokens": args.new_tokens or 64,
+                "gamma": args.gamma or SPEC_SUITE["gamma"],
+                "budget": args.budget or SPEC_SUITE["budget"],
+            }
+            command = [sys.executable, "-m", "jaxdecode.bench", "--spec-child", json.dumps(shape)]
+            done = subprocess.run([*command, "--runs", str(args.runs)], capture_output=True, text=True)
+            if done.returncode != 0:
+                last_line = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                raise RuntimeError(f"spec batch {batch} context {context} failed: {last_line}")
+            for line in done.stderr.splitlines():
+                if line.startswith("batch "):
+                    print(line, file=sys.stderr, flush=True)
+            rows += json.loads(done.stdout.strip().splitlines()[-1])
+    return rows
+
+
 if __name__ == "__main__":  # the per-engine child process
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", required=True)
+    parser.add_argument("--child")
+    parser.add_argument("--spec-child")
     parser.add_argument("--runs", type=int, default=3)
     child_args = parser.parse_args()
-    print(json.dumps(child(json.loads(child_args.child), child_args.runs)))
+    if child_args.spec_child:
+        print(json.dumps(spec_child(json.loads(child_args.spec_child), child_args.runs)))
+    else:
+        print(json.dumps(child(json.loads(child_args.child), child_args.runs)))

@@ -102,7 +102,7 @@ def test_bench_quant_suite_reports_bytes_speed_and_perplexity(tmp_path):
 def test_bench_bad_arguments_are_one_line(tmp_path):
     for args, message in [
         (["bench", "--peers", "vllm"], "unknown peer 'vllm'"),
-        (["bench", "--suite", "spec"], "not available yet"),
+        (["bench", "--suite", "spec,decode"], "unknown suite 'spec'"),
         (["bench", "--dtypes", "float16"], "unsupported dtype 'float16'"),
     ]:
         result = _run(args, tmp_path=tmp_path)
