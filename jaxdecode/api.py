@@ -478,6 +478,11 @@ def _generate_speculative(model, prompts, max_new_tokens, sampling, seed, stop_i
         if (draft.mesh is None) != (model.mesh is None) or (draft.mesh is not None and draft.mesh != model.mesh):
             raise ValueError("the draft model must be on the same mesh as the model (jd.shard both, or neither)")
     gamma = _gamma(model, speculative, len(encoded), max(map(len, encoded)))
+    if gamma == 0:  # the cost model predicts no gain: decode plainly
+        result = generate(
+            model, encoded, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids
+        )
+        return replace(result, speculation={"gamma": 0, "acceptance_rate": float("nan"), "tokens_per_round": 1.0})
     extra = 2 * (gamma + 1)
     encoded, arrays, statics, state, compile_s, prefill_s, (tokens, lengths, plan) = _start(
         model, encoded, max_new_tokens, sampling, seed, stop_ids, extra_slots=extra

@@ -471,15 +471,20 @@ def spec_child(shape: dict, runs: int) -> list[dict]:
     _, arrays, statics, state, _, _, _ = api._start(
         model, [prompt_ids(context)], new_tokens, jd.Sampling(), 0, (), extra_slots=2 * (max_gamma + 1)
     )
-    tile = lambda tree: jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0) if jnp.ndim(a) else a, tree)  # noqa: E731
-    state, arrays = tile(state), tile(arrays)
+    tile = jax.jit(lambda tree: jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0) if jnp.ndim(a) else a, tree))
+    arrays = tile(arrays)
     limit = np.int32(new_tokens)
 
     def timed(name, fn, statics_, args):
-        exe, _ = api._compiled(model, name, fn, statics_, (model.params, state, *args), donate=(1,))
+        # One batch-sized state at a time (16 x 8000 tokens of float32 cache is 6 GB): tiled afresh from
+        # the one-row state for every run, and the loop updates it in place (donated).
+        exe, _ = api._compiled(
+            model, name, fn, statics_, (model.params, jax.eval_shape(tile, state), *args), donate=(1,)
+        )
         seconds, out = [], None
         for _ in range(runs + 1):  # the first run warms up
-            fresh = jax.tree.map(jnp.copy, state)
+            out = None
+            fresh = jax.block_until_ready(tile(state))
             start = time.perf_counter()
             out = jax.block_until_ready(exe(model.params, fresh, *args))
             seconds.append(time.perf_counter() - start)
@@ -495,33 +500,49 @@ def spec_child(shape: dict, runs: int) -> list[dict]:
         context=context,
     )
     rows = []
+
+    def cost_model_gamma(budget: int) -> int:  # with the acceptance measured at this shape and budget
+        measured = [r["acceptance"] for r in rows if r["budget"] == budget and not r["gamma_from_cost_model"]]
+        acceptance = float(np.mean(measured)) if measured else 0.8
+        return speculative.choose_gamma(min(acceptance, 0.99), budget=budget, **costs)
+
     configs = [(g, b, False) for b in shape["budget"] for g in shape["gamma"]]
-    configs += [(speculative.choose_gamma(0.8, budget=b, **costs), b, True) for b in shape["budget"]]
+    configs += [(None, b, True) for b in shape["budget"]]
     for gamma, budget, chosen in configs:
+        gamma = cost_model_gamma(budget) if gamma is None else gamma
+        if gamma == 0:  # the cost model chose plain decoding
+            plain_again, _ = timed("decode_loop", decode_loop, statics, (arrays, limit))
+            rows.append(
+                _spec_row(shape, 0, budget, True, float("nan"), plain, batch * (new_tokens - 1) / plain_again, 1.0)
+            )
+            print(_spec_line(rows[-1]), file=sys.stderr, flush=True)
+            continue
         spec_statics = {**statics, "draft_config": None, "gamma": gamma, "budget": budget, "sinks": 16}
         spec_s, out = timed("speculative_loop", speculative.speculative_loop, spec_statics, (arrays, None, None, limit))
         produced = np.minimum(np.asarray(out.count), new_tokens) - 1
         acceptance = float(np.sum(out.accepted) / max(np.sum(out.drafted), 1))
         spec = float(np.sum(produced)) / spec_s
         predicted = speculative.predicted_speedup(acceptance, gamma, budget=budget, **costs)
-        rows.append(
-            {
-                "suite": "spec",
-                "batch": batch,
-                "context": context,
-                "gamma": gamma,
-                "gamma_from_cost_model": chosen,
-                "budget": budget,
-                "acceptance": acceptance,
-                "plain_tokens_per_s": plain,
-                "spec_tokens_per_s": spec,
-                "speedup": spec / plain,
-                "predicted_speedup": predicted,
-                "new_tokens": new_tokens,
-            }
-        )
+        rows.append(_spec_row(shape, gamma, budget, chosen, acceptance, plain, spec, predicted))
         print(_spec_line(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def _spec_row(shape, gamma, budget, chosen, acceptance, plain, spec, predicted) -> dict:
+    return {
+        "suite": "spec",
+        "batch": shape["batch"],
+        "context": shape["context"],
+        "gamma": gamma,
+        "gamma_from_cost_model": chosen,
+        "budget": budget,
+        "acceptance": acceptance,
+        "plain_tokens_per_s": plain,
+        "spec_tokens_per_s": spec,
+        "speedup": spec / plain,
+        "predicted_speedup": predicted,
+        "new_tokens": shape["new_tokens"],
+    }
 
 
 def _spec_line(r: dict) -> str:

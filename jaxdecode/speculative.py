@@ -50,7 +50,8 @@ class SelfSpeculative:
 
     budget: cache entries the draft reads (sinks + the most recent budget - sinks).
     sinks: the first entries, always visible ("attention sinks").
-    gamma: tokens drafted per round; None picks it with `choose_gamma` (the cost model).
+    gamma: tokens drafted per round; None picks it with `choose_gamma` (the cost model; it may choose
+      plain decoding where speculation is not predicted to pay).
     acceptance: the per-token acceptance rate the cost model assumes when gamma is None.
     """
 
@@ -105,8 +106,10 @@ def predicted_speedup(
 
 
 def choose_gamma(acceptance: float, **costs: Any) -> int:
-    """The gamma in 1..8 with the best `predicted_speedup`."""
-    return max(range(1, 9), key=lambda g: predicted_speedup(acceptance, g, **costs))
+    """The gamma in 1..8 with the best `predicted_speedup`, or 0 (decode plainly) when none is predicted
+    to beat plain decoding (short contexts and small batches, where the draft costs what the model does)."""
+    best = max(range(1, 9), key=lambda g: predicted_speedup(acceptance, g, **costs))
+    return best if predicted_speedup(acceptance, best, **costs) > 1.0 else 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -214,13 +214,19 @@ def test_cost_model():
     # MagicDec's numbers: acceptance 0.8, gamma 3 -> 2.95 tokens per round
     assert speculative.expected_tokens(0.8, 3) == pytest.approx(2.952)
     costs = dict(weight_bytes=538e6, kv_bytes_per_token=46e3, budget=512)
-    # short context, batch 1: the draft costs about as much as the model -> no speedup, gamma stays small
+    # short context, batch 1: the draft costs what the model does -> no speedup: plain decoding (gamma 0)
     assert speculative.predicted_speedup(0.8, 3, batch=1, context=256, **costs) < 1
-    # long context, large batch: KV reads dominate, the draft is cheap -> > 2x, and a larger gamma
+    assert speculative.choose_gamma(0.8, batch=1, context=256, **costs) == 0
+    # long context, large batch: KV reads dominate, the draft is cheap -> > 2x predicted
     assert speculative.predicted_speedup(0.8, 3, batch=16, context=8192, **costs) > 2
-    assert speculative.choose_gamma(0.8, batch=16, context=8192, **costs) > speculative.choose_gamma(
-        0.8, batch=1, context=1024, **costs
+    assert speculative.choose_gamma(0.8, batch=16, context=8192, **costs) >= 2
+    assert speculative.choose_gamma(0.9, batch=16, context=8192, **costs) >= speculative.choose_gamma(
+        0.6, batch=16, context=8192, **costs
     )
+    # gamma=None at a short context decodes plainly, and says so
+    out = jd.generate(tiny_model(), [[5, 17, 33]], max_new_tokens=6, speculative=jd.SelfSpeculative(budget=8, sinks=2))
+    assert out.speculation["gamma"] == 0
+    assert out.tokens == jd.generate(tiny_model(), [[5, 17, 33]], max_new_tokens=6).tokens
 
 
 def test_bad_speculative_settings(smollm2):
