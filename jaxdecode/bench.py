@@ -504,7 +504,7 @@ def spec_child(shape: dict, runs: int) -> list[dict]:
     def cost_model_gamma(budget: int) -> int:  # with the acceptance measured at this shape and budget
         measured = [r["acceptance"] for r in rows if r["budget"] == budget and not r["gamma_from_cost_model"]]
         acceptance = float(np.mean(measured)) if measured else 0.8
-        return speculative.choose_gamma(min(acceptance, 0.99), budget=budget, **costs)
+        return speculative.choose_gamma(acceptance, budget=budget, **costs)
 
     configs = [(g, b, False) for b in shape["budget"] for g in shape["gamma"]]
     configs += [(None, b, True) for b in shape["budget"]]

@@ -90,7 +90,7 @@ def _check_gamma(gamma: int | None) -> None:
 
 def expected_tokens(acceptance: float, gamma: int) -> float:
     """Tokens per round when each draft token is accepted with probability `acceptance`: (1-a^(g+1))/(1-a)."""
-    return (1 - acceptance ** (gamma + 1)) / (1 - acceptance)
+    return gamma + 1.0 if acceptance >= 1 else (1 - acceptance ** (gamma + 1)) / (1 - acceptance)
 
 
 def predicted_speedup(
