@@ -414,14 +414,6 @@ def run(args: argparse.Namespace) -> int:
 
         benchmark.main([] if args.json is None else ["--json", args.json])
         return 0
-    if suites == ["spec"]:
-        print(f"machine: {machine()}", file=sys.stderr)
-        rows = run_spec(args)
-        print(spec_table(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"machine": machine(), "suite": "spec", "rows": rows}, f, indent=1)
-        return 0
     args.peers = [] if args.peers in ("", "none") else args.peers.split(",")
     unknown = [p for p in args.peers if p not in PEERS]
     if unknown:
@@ -436,15 +428,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install -e '.[peers]'")
+    if any(n < 1 for n in (*(args.gamma or [1]), *(args.budget or [17]), *(args.context or [1]))):
+        raise ValueError("--gamma, --budget and --context take positive numbers")
     this_machine = machine()
     print(f"machine: {this_machine}", file=sys.stderr)
-    rows = [row for suite in suites for row in run_suite(args, suite)]
-    print(table(rows))
+    spec = suites == ["spec"]
+    rows = run_spec(args) if spec else [row for suite in suites for row in run_suite(args, suite)]
+    print(spec_table(rows) if spec else table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": this_machine, "suite": args.suite, "rows": rows}, f, indent=1)
     if args.plot:
-        plot(rows, args.plot)
+        (spec_plot if spec else plot)(rows, args.plot)
     return 0
 
 
@@ -566,6 +561,31 @@ def spec_table(rows: list[dict]) -> str:
         cells += [f"{r['predicted_speedup']:.2f}x"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
+
+
+def spec_plot(rows: list[dict], path: str) -> None:
+    """Measured speedup against batch size, one line per (context, budget), best fixed gamma."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for context, budget in sorted({(r["context"], r["budget"]) for r in rows}):
+        best: dict[int, float] = {}
+        for r in rows:
+            if (r["context"], r["budget"]) == (context, budget) and not r["gamma_from_cost_model"]:
+                best[r["batch"]] = max(best.get(r["batch"], 0.0), r["speedup"])
+        ax.plot(*zip(*sorted(best.items())), marker="o", label=f"context {context}, budget {budget}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speculative / plain decode tokens/s")
+    ax.set_title("SmolLM2-135M self-speculation (best gamma), same run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def run_spec(args: argparse.Namespace) -> list[dict]:
