@@ -280,8 +280,8 @@ def apply(
       tokens: int32 `[B, T]`.
       positions: int32 `[B, T]`, contiguous per row (`p0 + arange(T)`).
       kv_cache: None for a cache-free causal forward. Otherwise the K/V of token t of row b is
-        written to cache slot `positions[b, 0] + t` and the returned cache has
-        `lengths = positions[:, -1] + 1`.
+        written to cache slot `cache_start[b] + t` (default `positions[b, 0] + t`) and the returned
+        cache has `lengths = cache_start + T`.
       prefill: with a cache, attend only among the new tokens (the cache holds nothing before them):
         cheaper than reading the whole cache, and the path the prefill kernel takes.
       logits_at: int32 `[B]`: return logits only at these indices of T, `[B, vocab]`.
