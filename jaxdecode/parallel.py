@@ -246,15 +246,34 @@ def state_specs(state: Any) -> Any:
     over data and KV heads, counters replicated, everything else per row; absent fields stay None."""
     if isinstance(state, KVCache):
         return KVCache(keys=P(DATA, MODEL), values=P(DATA, MODEL), lengths=P(DATA))
+    return _specs_of(type(state), absent=tuple(k for k, v in state._asdict().items() if v is None))
+
+
+def _specs_of(state_type: Any, absent: tuple[str, ...] = ()) -> Any:
+    cache = KVCache(keys=P(DATA, MODEL), values=P(DATA, MODEL), lengths=P(DATA))
     fields = {}
-    for name, value in state._asdict().items():
-        if value is None:
+    for name in state_type._fields:
+        if name in absent:
             fields[name] = None
-        elif isinstance(value, KVCache):
-            fields[name] = state_specs(value)
+        elif name in ("kv_cache", "draft_cache"):
+            fields[name] = cache
         else:
             fields[name] = P() if name in _SCALAR_FIELDS else P(DATA)
-    return type(state)(**fields)
+    return state_type(**fields)
+
+
+def _output_specs(name: str, statics: dict, rest: tuple) -> Any:
+    """The specs of what a generation function returns (from its name: outputs cannot be traced here,
+    the params being in the sharded layout)."""
+    from .generate import DecodeState
+    from .speculative import SpecState
+
+    if name == "draft_prefill":
+        return state_specs(KVCache((), (), None))
+    if name == "speculative_loop":
+        with_draft = any(isinstance(a, KVCache) for a in rest)
+        return _specs_of(SpecState, absent=() if with_draft else ("draft_cache",))
+    return _specs_of(DecodeState, absent=() if statics["plan"].repetition_penalty else ("seen",))
 
 
 def sharded_generate_fn(fn: Any, mesh: Mesh) -> Any:
@@ -271,9 +290,8 @@ def sharded_generate_fn(fn: Any, mesh: Mesh) -> Any:
 
     def run(params, *rest, **statics):
         in_specs = (param_specs(params), *map(spec, rest))
-        # The output's structure (not its shapes) from the unsharded function, traced abstractly.
-        out_specs = spec(jax.eval_shape(partial(fn, **statics), params, *rest))
         local = partial(fn, **statics, parallel=parallel)
+        out_specs = _output_specs(fn.__name__, statics, rest)
         return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(params, *rest)
 
     return run
