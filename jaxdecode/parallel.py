@@ -282,6 +282,8 @@ def sharded_generate_fn(fn: Any, mesh: Mesh) -> Any:
     parallel = parallel_of(mesh)
 
     def spec(a: Any) -> Any:
+        if a is None:  # an absent optional input (no draft model)
+            return P()
         if isinstance(a, dict):  # a second model's params (the speculative draft)
             return param_specs(a)
         if isinstance(a, KVCache) or hasattr(a, "kv_cache"):
