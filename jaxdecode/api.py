@@ -150,7 +150,8 @@ def _load_checkpoint(path: Path, dtype: str, backend: str, mesh: jax.sharding.Me
     def cast(leaf: Any) -> Any:
         if is_quantized(leaf):
             return replace(leaf, dtype=dtype)
-        return leaf.astype(float_dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+        floating = jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != float_dtype
+        return leaf.astype(float_dtype) if floating else leaf
 
     params = jax.tree.map(cast, params, is_leaf=is_quantized)
     model = Model(config, params, tokenizer, str(path), backend)

@@ -161,7 +161,8 @@ def _eval_ppl(args: argparse.Namespace) -> None:
 
 
 def _speculative(args: argparse.Namespace):
-    """The `speculative=` setting from the command line (None without --speculative)."""
+    """The `speculative=` setting from the command line (None without --speculative; a draft model is
+    loaded here)."""
     import jaxdecode as jd
 
     if args.speculative is None:
@@ -172,7 +173,8 @@ def _speculative(args: argparse.Namespace):
         return jd.SelfSpeculative(budget=args.budget, sinks=args.sinks, gamma=args.gamma)
     if not args.draft_model:
         raise ValueError("--speculative draft needs --draft-model (a smaller model with the same tokenizer)")
-    return "draft"  # loaded after the target, see _generate
+    draft = jd.load(args.draft_model, dtype=args.dtype, attention=args.attention)
+    return jd.DraftModel(draft, gamma=args.gamma or 4)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -181,13 +183,10 @@ def _generate(args: argparse.Namespace) -> None:
     sampling = _sampling(args)  # validate settings before the slow load
     speculative = _speculative(args)
     model = _load(args)
-    if speculative == "draft":
-        draft = jd.load(args.draft_model, dtype=args.dtype, attention=args.attention)
-        speculative = jd.DraftModel(draft, gamma=args.gamma or 4)
     prompt = args.prompt
     if args.chat:
         prompt = model.require_tokenizer().apply_chat_template([{"role": "user", "content": prompt}])
-    if speculative is not None and not args.json:  # no token-by-token streaming: print the whole text
+    if speculative is not None or args.json:
         out = jd.generate(
             model,
             prompt,
@@ -196,6 +195,7 @@ def _generate(args: argparse.Namespace) -> None:
             seed=args.seed,
             speculative=speculative,
         )
+    if speculative is not None and not args.json:  # no token-by-token streaming: print the whole text
         print(out.text[0])
         info = out.speculation
         print(
@@ -205,14 +205,6 @@ def _generate(args: argparse.Namespace) -> None:
         )
         return
     if args.json:
-        out = jd.generate(
-            model,
-            prompt,
-            max_new_tokens=args.max_new_tokens,
-            sampling=sampling,
-            seed=args.seed,
-            speculative=speculative,
-        )
         record = {
             "prompt_tokens": out.prompt_tokens[0],
             "tokens": out.tokens[0],

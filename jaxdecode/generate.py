@@ -81,6 +81,36 @@ def next_tokens(
     return sample(logits, step_keys, sampling, plan, seen)
 
 
+def prefill_cache(
+    params: Params,
+    config: ModelConfig,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    *,
+    cache_len: int,
+    attention_impl: str = "auto",
+    parallel: Parallel | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """A fresh cache of `cache_len` slots filled with the right-padded prompts `[B, T]`: (the logits at
+    each row's last prompt token `[B, V]`, the cache with lengths = prompt_lengths)."""
+    batch, steps = prompt_tokens.shape
+    dtype = jnp.dtype(params["embed"].dtype)  # a quantized embedding names its float dtype
+    cache = init_cache(config, batch, cache_len, dtype, par.local_kv_heads(config.num_kv_heads, parallel))
+    positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (batch, steps))
+    logits, cache = apply(
+        params,
+        config,
+        prompt_tokens,
+        positions,
+        cache,
+        prefill=True,
+        logits_at=prompt_lengths - 1,
+        attention_impl=attention_impl,
+        parallel=parallel,
+    )
+    return logits, cache._replace(lengths=prompt_lengths.astype(jnp.int32))
+
+
 def prefill(
     params: Params,
     config: ModelConfig,
@@ -103,22 +133,15 @@ def prefill(
     >= T + buffer_size.
     """
     batch, steps = prompt_tokens.shape
-    cache = init_cache(
-        config, batch, cache_len, params["embed"].dtype, par.local_kv_heads(config.num_kv_heads, parallel)
-    )
-    positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (batch, steps))
-    logits, cache = apply(
+    logits, cache = prefill_cache(
         params,
         config,
         prompt_tokens,
-        positions,
-        cache,
-        prefill=True,
-        logits_at=prompt_lengths - 1,
+        prompt_lengths,
+        cache_len=cache_len,
         attention_impl=attention_impl,
         parallel=parallel,
     )
-    cache = cache._replace(lengths=prompt_lengths.astype(jnp.int32))
     seen = None
     if plan.repetition_penalty:
         valid = jnp.arange(steps)[None, :] < prompt_lengths[:, None]

@@ -252,7 +252,7 @@ def is_quantized(leaf: Any) -> bool:
 def param_bytes(params: Any) -> int:
     """Bytes of a parameter pytree as stored (quantized weights count their integers and scales)."""
     leaves = jax.tree.leaves(params, is_leaf=is_quantized)
-    return sum(leaf.nbytes if is_quantized(leaf) else int(np.asarray(leaf).nbytes) for leaf in leaves)
+    return sum(int(leaf.nbytes) for leaf in leaves)  # NumPy, jax.Array and QuantizedWeight alike, no copy
 
 
 QUANT_CHOICES = ("int8", "int4", "native")

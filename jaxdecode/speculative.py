@@ -25,7 +25,6 @@ rows gather the vocabulary, and every shard draws the same numbers from the repl
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -34,8 +33,8 @@ from jax import lax
 
 from . import parallel as par
 from .config import ModelConfig
-from .generate import DecodeState
-from .kv_cache import KVCache, init_cache
+from .generate import DecodeState, prefill_cache
+from .kv_cache import KVCache
 from .model import Params, apply
 from .parallel import Parallel
 from .sampling import SamplingArrays, SamplingPlan, filter_logits
@@ -382,7 +381,7 @@ def speculative_loop(
 ) -> SpecState:
     """From the state after `generate.prefill` (and `draft_prefill`'s cache for a draft model), rounds
     until every row has `max_new_tokens` tokens or a stop token. The caches must hold
-    prompt + max_new_tokens + 2 (gamma + 1) slots (`cache_slots`)."""
+    prompt + max_new_tokens + 2 (gamma + 1) slots."""
     limit = jnp.asarray(max_new_tokens, jnp.int32)
 
     def cond(s: SpecState) -> jax.Array:
@@ -425,29 +424,12 @@ def draft_prefill(
     parallel: Parallel | None = None,
 ) -> KVCache:
     """The draft model's cache after the prompts (right-padded `[B, T]`), lengths = prompt lengths."""
-    batch, steps = prompt_tokens.shape
-    num_kv = par.local_kv_heads(draft_config.num_kv_heads, parallel)
-    cache = init_cache(draft_config, batch, cache_len, _dtype(draft_params), num_kv)
-    positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (batch, steps))
-    _, cache = apply(
+    return prefill_cache(
         draft_params,
         draft_config,
         prompt_tokens,
-        positions,
-        cache,
-        prefill=True,
-        logits_at=prompt_lengths - 1,
+        prompt_lengths,
+        cache_len=cache_len,
         attention_impl=attention_impl,
         parallel=parallel,
-    )
-    return cache._replace(lengths=prompt_lengths.astype(jnp.int32))
-
-
-def _dtype(params: Params) -> Any:
-    embed = params["embed"]
-    return jnp.dtype(embed.dtype)
-
-
-def cache_slots(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
-    """Cache slots a speculative run needs (verification writes gamma + 1 entries past the last one)."""
-    return int(math.ceil((prompt_len + max_new_tokens + 2 * (gamma + 1)) / 16) * 16)
+    )[1]

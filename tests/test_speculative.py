@@ -189,24 +189,15 @@ def test_sharded_verifier_equals_single_device(smollm2):
     sharded = jd.shard(smollm2, jd.make_mesh(data=2, model=3))
     assert jd.generate(sharded, prompts, max_new_tokens=10, stop_ids=(), speculative=spec).tokens == single.tokens
     # sampled, on a tiny model over (data 2, model 2): the same draws on every shard and every mesh
-    model, sampling = tiny_model(), jd.Sampling(temperature=0.9, top_p=0.9)
-    one = jd.generate(
-        model,
-        [[5, 17, 33], [40, 3]],
+    settings = dict(
         max_new_tokens=8,
-        sampling=sampling,
+        sampling=jd.Sampling(temperature=0.9, top_p=0.9),
         seed=3,
         speculative=jd.SelfSpeculative(budget=4, sinks=1, gamma=2),
     )
+    one = jd.generate(tiny_model(), [[5, 17, 33], [40, 3]], **settings)
     mesh_model = jd.shard(tiny_model(), jd.make_mesh(data=2, model=2))
-    two = jd.generate(
-        mesh_model,
-        [[5, 17, 33], [40, 3]],
-        max_new_tokens=8,
-        sampling=sampling,
-        seed=3,
-        speculative=jd.SelfSpeculative(budget=4, sinks=1, gamma=2),
-    )
+    two = jd.generate(mesh_model, [[5, 17, 33], [40, 3]], **settings)
     assert two.tokens == one.tokens
 
 
