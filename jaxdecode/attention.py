@@ -28,6 +28,7 @@ def prefill_attention(
     scale: float,
     alibi_slopes: jax.Array | None = None,
     window: int | None = None,
+    softcap: float | None = None,
     impl: str = "auto",
 ) -> jax.Array:
     """Causal attention among T new tokens. q `[B, Hq, T, D]`, k/v `[B, Hkv, T, D]` -> `[B, Hq, T, D]`.
@@ -35,7 +36,7 @@ def prefill_attention(
     Right padding needs no mask: a valid query never sees a later (padding) key.
     """
     return pallas_kernels.flash_attention(
-        q, k, v, causal=True, alibi_slopes=alibi_slopes, window=window, scale=scale, backend=impl
+        q, k, v, causal=True, alibi_slopes=alibi_slopes, window=window, scale=scale, softcap=softcap, backend=impl
     )
 
 
@@ -49,12 +50,22 @@ def cached_attention(
     alibi_slopes: jax.Array | None = None,
     window: int | None = None,
     sinks: int = 0,
+    softcap: float | None = None,
     impl: str = "auto",
 ) -> jax.Array:
     """Tq new queries `[B, Hq, Tq, D]` against the cache `[B, Hkv, S, D]`; the last query of row b sits
     at `lengths[b] - 1`. Returns `[B, Hq, Tq, D]`."""
     return pallas_kernels.decode_attention(
-        q, k_cache, v_cache, lengths, scale=scale, alibi_slopes=alibi_slopes, window=window, sinks=sinks, backend=impl
+        q,
+        k_cache,
+        v_cache,
+        lengths,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        window=window,
+        sinks=sinks,
+        softcap=softcap,
+        backend=impl,
     )
 
 

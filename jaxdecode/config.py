@@ -14,19 +14,40 @@ from typing import Any, Literal
 
 import numpy as np
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "falcon", "bloom", "mpt", "gpt_bigcode")
+FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "falcon",
+    "bloom",
+    "mpt",
+    "gpt_bigcode",
+)
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind` is "linear" (positions divided by `factor`) or "llama3"
-    (Llama-3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between)."""
+    """RoPE frequency scaling.
 
-    kind: Literal["linear", "llama3"]
+    - "linear": positions divided by `factor`.
+    - "llama3" (Llama-3.1): long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
+    - "longrope" (Phi-3): per-frequency divisors, `short_factor` while a row's sequence fits in
+      `original_max_position` tokens and `long_factor` beyond; cos/sin are multiplied by `attention_factor`.
+    """
+
+    kind: Literal["linear", "llama3", "longrope"]
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,34 +91,70 @@ class ModelConfig:
     embed_norm: bool = False  # BLOOM: LayerNorm right after the embedding
     tie_embeddings: bool = True
     sliding_window: int | None = None
+    # Per-layer attention: "sliding" (within `sliding_window`) or "full". None: every layer is sliding
+    # when `sliding_window` is set (Mistral), else full. Gemma 2 alternates; Gemma 3 has 5 sliding : 1 full.
+    layer_types: tuple[Literal["sliding", "full"], ...] | None = None
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: as full layers
+    rotary_dim: int | None = None  # rotate only the first dims of each head (Phi-3 partial rotary); None: all
     attn_scale: float | None = None  # default head_dim ** -0.5
     qkv_clip: float | None = None  # MPT's clip_qkv
+    qk_norm: bool = False  # Qwen3, Gemma 3: a norm over head_dim on every head of q and k, before RoPE
+    sandwich_norm: bool = False  # Gemma 2/3: norms after attention and after the MLP too (four per block)
+    attn_softcap: float | None = None  # Gemma 2: scores become c * tanh(scores / c)
+    final_softcap: float | None = None  # Gemma 2: logits become c * tanh(logits / c)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unsupported model family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"sliding", "full"}:
+                raise ValueError(
+                    f"layer_types must name 'sliding' or 'full' for each of the {self.num_layers} layers, "
+                    f"got {self.layer_types!r}"
+                )
+            if "sliding" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding layers but sliding_window is not set")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim must be even and in 1..head_dim ({self.head_dim}), got {self.rotary_dim}")
 
     @property
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends within `sliding_window` (else to the whole cache)."""
+        if self.layer_types is None:
+            return self.sliding_window is not None
+        return self.layer_types[layer] == "sliding"
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of `layer` (None: unlimited)."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies `[head_dim // 2]` float32, with the config's scaling applied (as HF computes them)."""
-    dim = config.head_dim
-    inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(
-        np.float32
-    )
-    scaling = config.rope_scaling
+def rope_inv_freq(config: ModelConfig, layer: int = 0) -> np.ndarray:
+    """Inverse frequencies `[rotary_dim // 2]` float32 of `layer`, with its scaling applied (as HF computes
+    them). Sliding layers of a config with `rope_local_theta` use that base, unscaled (Gemma 3).
+    For "longrope" this is the short-factor set; `rope_long_inv_freq` gives the long one."""
+    dim = config.rotary_dim or config.head_dim
+    local = config.rope_local_theta is not None and config.is_sliding(layer)
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    scaling = None if local else config.rope_scaling
     if scaling is None:
         return inv_freq
     if scaling.kind == "linear":
         return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    if scaling.kind == "longrope":
+        return (inv_freq / np.asarray(scaling.short_factor, np.float32)).astype(np.float32)
     low_wavelen = scaling.original_max_position / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -108,6 +165,13 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_long_inv_freq(config: ModelConfig) -> np.ndarray:
+    """The long-factor inverse frequencies of a "longrope" config `[rotary_dim // 2]` float32."""
+    dim = config.rotary_dim or config.head_dim
+    base = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    return (base.astype(np.float32) / np.asarray(config.rope_scaling.long_factor, np.float32)).astype(np.float32)
 
 
 def alibi_slopes(config: ModelConfig) -> np.ndarray:
@@ -135,9 +199,18 @@ def alibi_slopes(config: ModelConfig) -> np.ndarray:
     return slopes
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """RoPE theta and scaling from either transformers-5 `rope_parameters` or older `rope_scaling` + `rope_theta`."""
+_LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
+
+
+def _rope_from_hf(hf: dict[str, Any], layer_type: str = "full_attention") -> tuple[float, RopeScaling | None]:
+    """RoPE theta and scaling of one layer type, from transformers-5 `rope_parameters` (flat, or nested by
+    layer type as Gemma 3 writes it) or from older `rope_scaling` + `rope_theta` (+ Phi-3's top-level
+    `original_max_position_embeddings`)."""
     params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"rope_parameters must be an object, got {type(params).__name__}")
+    if any(k in params for k in _LAYER_TYPES):
+        params = params.get(layer_type) or {}
     legacy = hf.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     spec = {**legacy, **params}
@@ -146,6 +219,11 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return theta, None
     if kind == "linear":
         return theta, RopeScaling("linear", float(spec["factor"]))
+    original = int(
+        hf.get("original_max_position_embeddings")
+        or spec.get("original_max_position_embeddings")
+        or hf.get("max_position_embeddings", 8192)
+    )
     if kind == "llama3":
         return theta, RopeScaling(
             "llama3",
@@ -154,7 +232,43 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             float(spec.get("high_freq_factor", 4.0)),
             int(spec.get("original_max_position_embeddings", 8192)),
         )
-    raise ValueError(f"unsupported RoPE scaling {kind!r}; supported: default, linear, llama3")
+    if kind in ("longrope", "su"):
+        # As HF's `_compute_longrope_parameters`: the default attention factor comes from the context
+        # extension ratio max_position_embeddings / original_max_position_embeddings.
+        factor = spec.get("factor") or hf.get("max_position_embeddings", original) / original
+        attention_factor = spec.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return theta, RopeScaling(
+            "longrope",
+            float(factor),
+            original_max_position=original,
+            short_factor=tuple(float(x) for x in spec["short_factor"]),
+            long_factor=tuple(float(x) for x in spec["long_factor"]),
+            attention_factor=float(attention_factor),
+        )
+    raise ValueError(f"unsupported RoPE scaling {kind!r}; supported: default, linear, llama3, longrope")
+
+
+def _layer_types(hf: dict[str, Any], default_pattern: int | None) -> tuple[str, ...] | None:
+    """Per-layer attention kinds from `layer_types`, else from Gemma's `sliding_window_pattern` (every
+    pattern-th layer full), else None."""
+    n = hf["num_hidden_layers"]
+    names = hf.get("layer_types")
+    if names is not None:
+        if not isinstance(names, list) or any(t not in _LAYER_TYPES for t in names):
+            raise ValueError(f"layer_types must be a list of {' / '.join(_LAYER_TYPES)}, got {names!r}")
+        return tuple(_LAYER_TYPES[t] for t in names)
+    pattern = hf.get("sliding_window_pattern", default_pattern)
+    if pattern is None:
+        return None
+    return tuple("sliding" if (i + 1) % int(pattern) else "full" for i in range(n))
+
+
+def _partial_rotary_dim(hf: dict[str, Any], head_dim: int) -> int | None:
+    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    factor = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    return None if factor == 1.0 else int(head_dim * factor)
 
 
 def _hf_activation(name: str) -> str:
@@ -239,6 +353,94 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             rope_scaling=scaling,
             embed_scale=True,
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        )
+    if model_type in ("gemma2", "gemma3_text", "gemma3"):
+        if model_type == "gemma3" and "text_config" in hf:  # the multimodal wrapper: its text model
+            return config_from_hf({**hf["text_config"], "model_type": "gemma3_text"})
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention=True is an encoder (e.g. EmbeddingGemma), not a decoder")
+        gemma2 = model_type == "gemma2"
+        theta, scaling = _rope_from_hf(hf, "full_attention")
+        local = {**hf, "rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+        local_theta, _ = _rope_from_hf(local, "sliding_attention")
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        return ModelConfig(
+            family="gemma2" if gemma2 else "gemma3",
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            ffn_dim=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 8192),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            norm_offset=1.0,
+            activation=_hf_activation(act),
+            qkv_bias=bool(hf.get("attention_bias", False)),
+            out_bias=bool(hf.get("attention_bias", False)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rope_local_theta=None if gemma2 else local_theta,
+            embed_scale=True,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            sliding_window=hf.get("sliding_window") or (4096 if gemma2 else 512),
+            layer_types=_layer_types(hf, 2 if gemma2 else 6),
+            attn_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+            qk_norm=not gemma2,
+            sandwich_norm=True,
+            attn_softcap=hf.get("attn_logit_softcapping", 50.0 if gemma2 else None),
+            final_softcap=hf.get("final_logit_softcapping", 30.0 if gemma2 else None),
+        )
+    if model_type == "qwen3":
+        theta, scaling = _rope_from_hf(hf)
+        heads = hf["num_attention_heads"]
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        layer_types = _layer_types(hf, None) if window else None
+        return ModelConfig(
+            family="qwen3",
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            ffn_dim=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 32768),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            activation=_hf_activation(hf.get("hidden_act", "silu")),
+            qkv_bias=bool(hf.get("attention_bias", False)),
+            out_bias=bool(hf.get("attention_bias", False)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            layer_types=layer_types,
+            qk_norm=True,
+        )
+    if model_type == "phi3":
+        theta, scaling = _rope_from_hf(hf)
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        return ModelConfig(
+            family="phi3",
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            ffn_dim=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 4096),
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            activation=_hf_activation(hf.get("hidden_act", "silu")),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rotary_dim=_partial_rotary_dim(hf, head_dim),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=hf.get("sliding_window"),
         )
     if model_type == "falcon":
         heads = hf["num_attention_heads"]
@@ -342,7 +544,22 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             position="learned",
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
-    raise ValueError(
-        f"unsupported model_type {model_type!r} in config.json; supported: "
-        "llama, mistral, qwen2, gemma, falcon, bloom, mpt, gpt_bigcode"
-    )
+    raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(HF_MODEL_TYPES)}")
+
+
+# The `model_type` values of config.json that `config_from_hf` reads.
+HF_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gemma3",
+    "phi3",
+    "falcon",
+    "bloom",
+    "mpt",
+    "gpt_bigcode",
+)

@@ -22,7 +22,7 @@ from jax import lax
 
 from . import attention, quantize
 from . import parallel as par
-from .config import ModelConfig, alibi_slopes, rope_inv_freq
+from .config import ModelConfig, alibi_slopes, rope_inv_freq, rope_long_inv_freq
 from .kv_cache import KVCache, write
 from .parallel import Parallel
 from .quantize import QuantizedWeight
@@ -101,21 +101,46 @@ class Norm(nn.Module):
         return y.astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.Array:
-    """Rotate halves (HF layout). x `[B, T, H, D]`, positions int32 `[B, T]`."""
-    inv_freq = jnp.asarray(rope_inv_freq(config))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+def apply_rope(
+    x: jax.Array, positions: jax.Array, config: ModelConfig, layer: int, cache_capacity: int | None
+) -> jax.Array:
+    """Rotate halves (HF layout) of the first `rotary_dim` dims of each head. x `[B, T, H, D]`, positions
+    int32 `[B, T]`.
+
+    Per-layer bases (Gemma 3's local and global layers) are static: each layer's frequencies are
+    constants of the one compiled program. "longrope" (Phi-3) picks its long factors for a row whose
+    sequence exceeds the pretraining length: without a cache, by the row's last position (HF's rule);
+    with a cache, by the cache's capacity, so that every entry of a cache is rotated with one set (HF
+    instead recomputes its cache when a sequence crosses the boundary).
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(config, layer))  # [R/2]
+    scaling = config.rope_scaling
+    longrope = scaling is not None and scaling.kind == "longrope" and not config.is_sliding(layer)
+    if longrope:
+        if cache_capacity is not None:
+            use_long = jnp.full((x.shape[0], 1, 1), cache_capacity > scaling.original_max_position)
+        else:
+            use_long = (jnp.max(positions, axis=1) + 1 > scaling.original_max_position)[:, None, None]
+        inv_freq = jnp.where(use_long, jnp.asarray(rope_long_inv_freq(config)), inv_freq)  # [B, 1, R/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if longrope:
+        cos, sin = cos * scaling.attention_factor, sin * scaling.attention_factor
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    rotary = 2 * inv_freq.shape[-1]
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    half = rotary // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated * sin
+    return out if rotary == x.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 class Attention(nn.Module):
     """Self-attention over this model shard's heads (all heads without `parallel`)."""
 
     config: ModelConfig
+    layer: int
     impl: str = "auto"
     parallel: Parallel | None = None
 
@@ -140,14 +165,19 @@ class Attention(nn.Module):
         q = q.reshape(batch, steps, num_heads, cfg.head_dim)
         k = k.reshape(batch, steps, num_kv_heads, cfg.head_dim)
         v = v.reshape(batch, steps, num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:  # over head_dim, per head
+            q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
         if cfg.position == "rope":
-            q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
+            capacity = None if layer_cache is None else layer_cache[0].shape[2]
+            q = apply_rope(q, positions, cfg, self.layer, capacity)
+            k = apply_rope(k, positions, cfg, self.layer, capacity)
         slopes = None
         if cfg.position == "alibi":
             slopes = jnp.asarray(alibi_slopes(cfg))
             if parallel is not None:  # this shard's heads
                 slopes = lax.dynamic_slice_in_dim(slopes, par.shard_index(parallel) * num_heads, num_heads)
-        options = dict(scale=cfg.scale, alibi_slopes=slopes, window=cfg.sliding_window, impl=self.impl)
+        window, softcap = cfg.window(self.layer), cfg.attn_softcap
+        options = dict(scale=cfg.scale, alibi_slopes=slopes, window=window, softcap=softcap, impl=self.impl)
         q_heads = q.transpose(0, 2, 1, 3)  # [B, Hq, T, D]
 
         start = positions[:, 0] if cache_start is None else cache_start
@@ -182,6 +212,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     config: ModelConfig
+    layer: int
     impl: str = "auto"
     parallel: Parallel | None = None
 
@@ -189,14 +220,19 @@ class Block(nn.Module):
     def __call__(self, x, positions, layer_cache, prefill, cache_start=None):
         cfg = self.config
         h = Norm(cfg, name="attn_norm")(x)
-        attention_layer = Attention(cfg, self.impl, self.parallel, name="attn")
+        attention_layer = Attention(cfg, self.layer, self.impl, self.parallel, name="attn")
         attn_out, layer_cache = attention_layer(h, positions, layer_cache, prefill, cache_start)
         mlp = MLP(cfg, self.parallel, name="mlp")
         if cfg.parallel_block:
             mlp_in = Norm(cfg, name="mlp_norm")(x) if cfg.parallel_mlp_norm else h
             return x + attn_out + mlp(mlp_in), layer_cache
+        if cfg.sandwich_norm:  # Gemma 2/3: each sub-layer's output is normed before the residual add
+            attn_out = Norm(cfg, name="post_attn_norm")(attn_out)
         x = x + attn_out
-        return x + mlp(Norm(cfg, name="mlp_norm")(x)), layer_cache
+        mlp_out = mlp(Norm(cfg, name="mlp_norm")(x))
+        if cfg.sandwich_norm:
+            mlp_out = Norm(cfg, name="post_mlp_norm")(mlp_out)
+        return x + mlp_out, layer_cache
 
 
 class Decoder(nn.Module):
@@ -233,7 +269,7 @@ class Decoder(nn.Module):
         keys, values = [], []
         for i in range(cfg.num_layers):
             layer_cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
-            block = Block(cfg, self.impl, parallel, name=f"layer_{i}")
+            block = Block(cfg, i, self.impl, parallel, name=f"layer_{i}")
             x, layer_cache = block(x, positions, layer_cache, prefill, cache_start)
             if layer_cache is not None:
                 keys.append(layer_cache[0])
@@ -251,6 +287,8 @@ class Decoder(nn.Module):
             logits = lax.dot_general(
                 x.astype(head.dtype), head, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
             )
+        if cfg.final_softcap is not None:
+            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         logits = par.mask_vocab_padding(logits, cfg.vocab_size, parallel)
         new_cache = None
         if kv_cache is not None:

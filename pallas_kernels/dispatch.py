@@ -166,7 +166,7 @@ def decode_attention(
     return _attend(q, k_cache, v_cache, lengths - problem.q_len, lengths, alibi_slopes, problem, num_splits, backend)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "backend"))
+@functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "softcap", "backend"))
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -177,12 +177,14 @@ def flash_attention(
     alibi_slopes: jax.Array | None = None,
     window: int | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> jax.Array:
     """Prefill attention, tiled with an online softmax (no T x T score matrix), GQA/MQA native.
 
     q `[B, Hq, T, D]`, k/v `[B, Hkv, T, D]`; `lengths` int32 `[B]` hides keys at or past each row's
-    length (right padding). ALiBi slopes `[Hq]` and `window` as in `decode_attention` (causal only).
+    length (right padding). ALiBi slopes `[Hq]` and `window` as in `decode_attention` (causal only);
+    `softcap` as there.
     Returns `[B, Hq, T, D]` in q's dtype.
     """
     _check_backend(backend)
@@ -190,7 +192,7 @@ def flash_attention(
         raise ValueError("alibi_slopes and window need causal=True (they are defined by query positions)")
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"prefill needs as many keys as queries; got q {q.shape}, k {k.shape}")
-    problem = _problem(q, k, scale=scale, window=window, sinks=0, softcap=None, alibi_slopes=alibi_slopes)
+    problem = _problem(q, k, scale=scale, window=window, sinks=0, softcap=softcap, alibi_slopes=alibi_slopes)
     batch, _, seq, _ = q.shape
     kv_len = jnp.full((batch,), seq, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     # Non-causal: every query sees every valid key, as if it sat past the end.

@@ -16,6 +16,7 @@ VOCAB = 96
 
 def _configs() -> dict[str, tf.PretrainedConfig]:
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, intermediate_size=112)
+    phi3 = dict(common, num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return {
         # GQA 4:2, Llama-3.1 frequency scaling, untied head.
         "llama": tf.LlamaConfig(
@@ -51,6 +52,71 @@ def _configs() -> dict[str, tf.PretrainedConfig]:
         "gemma": tf.GemmaConfig(
             **common, num_attention_heads=4, num_key_value_heads=1, head_dim=24, max_position_embeddings=256
         ),
+        # Mistral v0.3 / Ministral style: explicit head_dim (!= hidden / heads), no window.
+        "mistral_head_dim": tf.MistralConfig(
+            **common, num_attention_heads=4, num_key_value_heads=2, head_dim=24, sliding_window=None
+        ),
+        # Gemma 2: alternating sliding (window 7 < the test sequences) / full layers, both soft-caps small
+        # enough to bend the scores, query_pre_attn_scalar != head_dim, four norms per block.
+        "gemma2": tf.Gemma2Config(
+            **{**common, "num_hidden_layers": 3},
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=7,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            max_position_embeddings=256,
+        ),
+        # Gemma 3 (text): MQA, QK-norm, 2 sliding : 1 full, local base 10k, global 1e6 with linear scaling.
+        "gemma3": tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3},
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            sliding_window=5,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            query_pre_attn_scalar=32,
+            max_position_embeddings=256,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+        ),
+        # Qwen3: QK-norm, explicit head_dim, no QKV bias, untied head.
+        "qwen3": tf.Qwen3Config(
+            **common, num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256
+        ),
+        # Phi-3.5 style: longrope past a 16-token pretraining length (the test sequences exceed it), partial rotary.
+        "phi3_longrope": tf.Phi3Config(
+            **phi3,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            original_max_position_embeddings=16,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.3, 1.9, 2.4],
+                "long_factor": [1.1, 2.5, 4.0, 7.5],
+            },
+        ),
+        # longrope within the pretraining length (short factors), full rotary.
+        "phi3_short": tf.Phi3Config(
+            **phi3,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            original_max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.2, 1.5, 1.7, 2.0, 2.2, 2.6, 3.0],
+                "long_factor": [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+            },
+        ),
+        # Phi-3-mini-4k style: plain RoPE, fused projections.
+        "phi3": tf.Phi3Config(**phi3, num_key_value_heads=2, max_position_embeddings=256),
         # Falcon-7B style: MQA, parallel attention + MLP with one shared LayerNorm.
         "falcon": tf.FalconConfig(
             vocab_size=VOCAB,

@@ -29,12 +29,40 @@ _LLAMA_NAMES = [
     (r"norm\.weight", "final_norm/scale"),
     (r"lm_head\.weight", "lm_head"),
 ]
+_QK_NORM_NAMES = [(r"layers\.(\d+)\.self_attn\.([qk])_norm\.weight", "layer_{0}/attn/{1}_norm/scale")]
+# Gemma 2/3: four norms per block; HF's post_attention_layernorm is the norm *after* attention here.
+_GEMMA2_NAMES = [
+    (r"embed_tokens\.weight", "embed"),
+    (r"layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", "layer_{0}/attn/{1}/{2}"),
+    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "layer_{0}/mlp/{1}/weight"),
+    (r"layers\.(\d+)\.input_layernorm\.weight", "layer_{0}/attn_norm/scale"),
+    (r"layers\.(\d+)\.post_attention_layernorm\.weight", "layer_{0}/post_attn_norm/scale"),
+    (r"layers\.(\d+)\.pre_feedforward_layernorm\.weight", "layer_{0}/mlp_norm/scale"),
+    (r"layers\.(\d+)\.post_feedforward_layernorm\.weight", "layer_{0}/post_mlp_norm/scale"),
+    (r"norm\.weight", "final_norm/scale"),
+    (r"lm_head\.weight", "lm_head"),
+]
 _LN = r"(weight|bias)"
 _NAMES: dict[str, list[tuple[str, str]]] = {
     "llama": _LLAMA_NAMES,
     "mistral": _LLAMA_NAMES,
     "qwen2": _LLAMA_NAMES,
+    "qwen3": _LLAMA_NAMES + _QK_NORM_NAMES,
     "gemma": _LLAMA_NAMES,
+    "gemma2": _GEMMA2_NAMES,
+    "gemma3": _GEMMA2_NAMES + _QK_NORM_NAMES,
+    # Phi-3: fused q|k|v and gate|up projections, split in `_finish`.
+    "phi3": [
+        (r"embed_tokens\.weight", "embed"),
+        (r"layers\.(\d+)\.self_attn\.qkv_proj\.weight", "layer_{0}/attn/qkv/weight"),
+        (r"layers\.(\d+)\.self_attn\.o_proj\.weight", "layer_{0}/attn/o/weight"),
+        (r"layers\.(\d+)\.mlp\.gate_up_proj\.weight", "layer_{0}/mlp/gate_up/weight"),
+        (r"layers\.(\d+)\.mlp\.down_proj\.weight", "layer_{0}/mlp/down/weight"),
+        (r"layers\.(\d+)\.input_layernorm\.weight", "layer_{0}/attn_norm/scale"),
+        (r"layers\.(\d+)\.post_attention_layernorm\.weight", "layer_{0}/mlp_norm/scale"),
+        (r"norm\.weight", "final_norm/scale"),
+        (r"lm_head\.weight", "lm_head"),
+    ],
     "falcon": [
         (r"word_embeddings\.weight", "embed"),
         (r"h\.(\d+)\.self_attention\.query_key_value\.(weight|bias)", "layer_{0}/attn/qkv/{1}"),
@@ -86,7 +114,7 @@ _NAMES: dict[str, list[tuple[str, str]]] = {
 
 def _qkv_layout(config: ModelConfig, hf: dict[str, Any]) -> str:
     """How a family orders q, k and v inside its fused projection's output rows."""
-    if config.family == "mpt" or (config.family == "gpt_bigcode" and config.num_kv_heads == 1):
+    if config.family in ("mpt", "phi3") or (config.family == "gpt_bigcode" and config.num_kv_heads == 1):
         return "contiguous"  # [q (all heads), k, v]
     if config.family == "falcon" and (hf.get("new_decoder_architecture") or config.num_kv_heads == 1):
         return "grouped"  # per KV head: [its G query heads, k, v]
@@ -139,7 +167,8 @@ def load_hf(directory: str | os.PathLike[str], dtype: Any) -> tuple[ModelConfig,
     for file in _tensor_files(directory):
         with safe_open(str(file), framework="numpy") as f:
             for name in f.keys():
-                short = re.sub(r"^(model|transformer)\.", "", name)
+                # Gemma 3's multimodal checkpoints keep the text model under language_model.
+                short = re.sub(r"^(model\.language_model|language_model\.model|model|transformer)\.", "", name)
                 for pattern, target in names:
                     m = pattern.fullmatch(short)
                     if m:
@@ -168,6 +197,10 @@ def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any]) -> 
         for part, fused in attn.pop("qkv", {}).items():  # part: "weight" or "bias"
             for proj, value in zip("qkv", split_qkv(fused, config, layout)):
                 attn.setdefault(proj, {})[part] = value
+        mlp = layer.get("mlp", {})
+        if "gate_up" in mlp:  # Phi-3: rows [gate; up]
+            gate, up = np.split(mlp.pop("gate_up")["weight"], 2)
+            mlp["gate"], mlp["up"] = {"weight": gate}, {"weight": up}
     if config.tie_embeddings:
         params.pop("lm_head", None)
     elif "lm_head" not in params:
