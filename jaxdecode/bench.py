@@ -105,12 +105,12 @@ def run_hf(spec: dict, prompt: list[int], runs: int) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    from .api import SMOLLM2_FILE, embedded_model_path
+    from .api import embedded_model_path
 
     dtype, batch, new_tokens = spec["dtype"], spec["batch"], spec["new_tokens"]
     torch.set_num_threads(THREADS)
-    directory = embedded_model_path("smollm2-135m").parent
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE, dtype=getattr(torch, dtype))
+    path = embedded_model_path("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=getattr(torch, dtype))
     model.eval()
     ids = torch.tensor([prompt] * batch)
 

@@ -89,9 +89,14 @@ def _config_to_json(config: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def _tuples(data: dict[str, Any]) -> dict[str, Any]:
+    """JSON lists back to the tuples a frozen (hashable) config holds."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
 def _config_from_json(data: dict[str, Any]) -> ModelConfig:
     scaling = data.get("rope_scaling")
-    return ModelConfig(**{**data, "rope_scaling": RopeScaling(**scaling) if scaling else None})
+    return ModelConfig(**{**_tuples(data), "rope_scaling": RopeScaling(**_tuples(scaling)) if scaling else None})
 
 
 # ------------------------------------------------------------------------------------------------

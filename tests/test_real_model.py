@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import jaxdecode as jd
-from jaxdecode.api import SMOLLM2_FILE, embedded_model_path
+from jaxdecode.api import embedded_model_path
 
 PROMPTS = [
     "The capital of France is",
@@ -25,9 +25,9 @@ NEAR_TIE = 1e-3  # logit gap under which two engines may legitimately pick diffe
 def hf():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = embedded_model_path("smollm2-135m").parent
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
+    path = embedded_model_path("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tokenizer
 
 

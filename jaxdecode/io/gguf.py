@@ -10,18 +10,24 @@ pairs; our model (like HF) rotates halves, so the loader undoes that permutation
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
-from ..config import ModelConfig
-from ..quantize import GGUF_KINDS, QuantizedWeight, from_gguf_blocks
+from ..config import ModelConfig, RopeScaling
+from ..quantize import GGUF_KINDS, QuantizedWeight, from_gguf_blocks, quantize_int8
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+# Architectures whose RoPE llama.cpp applies to adjacent pairs, so its converter permuted Q/K rows
+# (the others use the NEOX, rotate-half layout, as HF and this model do).
+_PERMUTED_QK = ("llama",)
+_GEMMAS = ("gemma", "gemma2", "gemma3")
 
 GGUF_MAGIC = b"GGUF"
 
@@ -42,6 +48,7 @@ class GGUFFile:
         except Exception as e:  # the reader raises assorted errors on truncated or corrupt files (header or data)
             raise ValueError(f"{self.path} is a corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self.converted_types: set[str] = set()  # quantized types `native` turned into int8
         self.metadata: dict[str, Any] = {}
         for key, field in self.reader.fields.items():
             if key.startswith("GGUF."):
@@ -66,26 +73,29 @@ class GGUFFile:
 
     def native(self, name: str, dtype: str) -> QuantizedWeight | np.ndarray:
         """The tensor `name` as stored: a Q8_0 / Q4_0 / Q4_1 matrix as a QuantizedWeight (its blocks,
-        never via float), a float tensor as a float32 array; other quantized types are refused."""
+        never via float), a float tensor as a float32 array. A matrix of another quantized type (K-quants,
+        Q5_0, ...) is dequantized and re-quantized to int8 per output channel; its type is added to
+        `self.converted_types`."""
         if name not in self.tensors:
             raise ValueError(f"{self.path} has no tensor {name!r}")
         t = self.tensors[name]
         kind = t.tensor_type.name
-        if kind in ("F32", "F16", "BF16"):
+        if kind in ("F32", "F16", "BF16") or len(t.shape) != 2:
             return self.array(name)
-        if kind not in GGUF_KINDS or len(t.shape) != 2:
-            raise ValueError(
-                f"{self.path}: tensor {name!r} is {kind}; native keeps only {', '.join(GGUF_KINDS)} matrices: "
-                "use quant='int8' or 'int4' for this file"
-            )
+        if kind not in GGUF_KINDS:
+            self.converted_types.add(kind)
+            return quantize_int8(self.array(name), dtype)
         columns, rows = (int(n) for n in t.shape)  # GGUF lists the fastest-varying dimension first
         return from_gguf_blocks(t.data, kind, (rows, columns), dtype)
 
 
-def config_from_gguf(metadata: dict[str, Any]) -> ModelConfig:
+def config_from_gguf(metadata: dict[str, Any], tensors: dict[str, Any] | None = None) -> ModelConfig:
+    """A `ModelConfig` from GGUF metadata (keys as llama.cpp writes them) and, where llama.cpp keeps
+    settings as tensors (RoPE frequency factors), the file's tensors."""
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    tensors = tensors or {}
 
     def get(key: str, default: Any = None) -> Any:
         full = f"{arch}.{key}"
@@ -95,23 +105,83 @@ def config_from_gguf(metadata: dict[str, Any]) -> ModelConfig:
 
     d_model = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
+    layers = int(get("block_count"))
+    head_dim = int(get("attention.key_length", d_model // max(heads, 1)))
     vocab = metadata.get(f"{arch}.vocab_size") or len(metadata["tokenizer.ggml.tokens"])
-    scaling_type = metadata.get(f"{arch}.rope.scaling.type", "none")
-    if scaling_type not in ("none", None):
-        raise ValueError(f"unsupported GGUF RoPE scaling {scaling_type!r}")
+    rotary_dim = int(get("rope.dimension_count", head_dim))
+    context = int(get("context_length"))
+    settings: dict[str, Any] = {}
+    scaling_type = get("rope.scaling.type", "none")
+    scaling: RopeScaling | None = None
+    if scaling_type == "linear":
+        scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
+    elif scaling_type not in ("none", None):
+        raise ValueError(f"unsupported GGUF RoPE scaling {scaling_type!r}; supported: none, linear")
+    long_factors, short_factors = tensors.get("rope_factors_long.weight"), tensors.get("rope_factors_short.weight")
+    if long_factors is not None:  # Phi-3 longrope: the factor lists are tensors
+        original = int(get("rope.scaling.original_context_length"))
+        factor = context / original
+        default_attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        scaling = RopeScaling(
+            "longrope",
+            factor,
+            original_max_position=original,
+            short_factor=tuple(float(x) for x in short_factors),
+            long_factor=tuple(float(x) for x in long_factors),
+            attention_factor=float(get("rope.scaling.attn_factor", default_attention)),
+        )
+    elif tensors.get("rope_freqs.weight") is not None:
+        # Llama 3.1's scaling, precomputed by the converter as per-frequency divisors: a longrope with
+        # one factor set and no attention factor is exactly that.
+        divisors = tuple(float(x) for x in tensors["rope_freqs.weight"])
+        scaling = RopeScaling(
+            "longrope", 1.0, original_max_position=context, short_factor=divisors, long_factor=divisors
+        )
+    if arch in _GEMMAS:
+        settings.update(norm_offset=1.0, embed_scale=True, activation="gelu_tanh", norm_eps=1e-6)
+    if arch in ("gemma2", "gemma3"):
+        window = int(get("attention.sliding_window"))
+        pattern = 2 if arch == "gemma2" else 6  # llama.cpp's fixed patterns: every 2nd / 6th layer global
+        layer_types = tuple("sliding" if (i + 1) % pattern else "full" for i in range(layers))
+        # llama.cpp: the 27B models scale scores by (d_model / heads)^-0.5, the others by head_dim^-0.5.
+        is_27b = layers == (46 if arch == "gemma2" else 62)
+        settings.update(
+            sliding_window=window,
+            layer_types=layer_types,
+            sandwich_norm=True,
+            attn_scale=(d_model / heads) ** -0.5 if is_27b else head_dim**-0.5,
+        )
+    if arch == "gemma2":
+        settings.update(
+            attn_softcap=float(get("attn_logit_softcapping", 50.0)),
+            final_softcap=float(get("final_logit_softcapping", 30.0)),
+        )
+    if arch == "gemma3":
+        settings.update(qk_norm=True, rope_local_theta=10000.0)
+    if arch == "qwen3":
+        settings.update(qk_norm=True)
+    if arch == "qwen2":
+        settings.update(qkv_bias=True)
+    if arch == "phi3" and metadata.get("phi3.attention.sliding_window"):
+        settings.update(sliding_window=int(metadata["phi3.attention.sliding_window"]))
+    eps_key = "attention.layer_norm_rms_epsilon"
+    if f"{arch}.{eps_key}" in metadata:
+        settings["norm_eps"] = float(get(eps_key))
     return ModelConfig(
-        family="llama",
+        family=arch,  # every supported architecture name is a family name
         vocab_size=int(vocab),
         d_model=d_model,
-        num_layers=int(get("block_count")),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("attention.key_length", d_model // heads)),
+        head_dim=head_dim,
         ffn_dim=int(get("feed_forward_length")),
-        max_seq_len=int(get("context_length")),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        max_seq_len=context,
         rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        rotary_dim=None if rotary_dim == head_dim else rotary_dim,
         tie_embeddings=False,  # decided by the loader from the presence of `output.weight`
+        **settings,
     )
 
 
@@ -126,13 +196,26 @@ def _unpermute(weight: np.ndarray | QuantizedWeight, num_heads: int) -> np.ndarr
     return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+# Our parameter path -> llama.cpp's tensor name in block `i`, per norm kind. In Gemma 2/3 `ffn_norm` is the
+# pre-MLP norm and post_attention_norm / post_ffw_norm the sandwich norms; QK-norms are per-head.
+_BLOCK_NORMS = {
+    "attn_norm": "attn_norm",
+    "mlp_norm": "ffn_norm",
+    "post_attn_norm": "post_attention_norm",
+    "post_mlp_norm": "post_ffw_norm",
+}
+
+
 def load_gguf(
     path: str | os.PathLike[str], dtype: Any, native: bool = False
 ) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
     """Read a GGUF file: (config, params cast to `dtype` with Linear weights `[out, in]` as stored, tokenizer).
-    With `native`, quantized matrices stay in their GGUF blocks (`QuantizedWeight`, see quantize.py)."""
+    With `native`, Q8_0 / Q4_0 / Q4_1 matrices stay in their GGUF blocks (`QuantizedWeight`, see
+    quantize.py) and other quantized types become int8 (one warning names them)."""
     f = GGUFFile(path)
-    config = config_from_gguf(f.metadata)
+    arch = f.architecture
+    factor_tensors = ("rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight")
+    config = config_from_gguf(f.metadata, {n: f.array(n) for n in factor_tensors if n in f.tensors})
     tied = "output.weight" not in f.tensors
     config = config.replace(tie_embeddings=tied)
     dtype_name = np.dtype(dtype).name
@@ -141,30 +224,72 @@ def load_gguf(
         return a if isinstance(a, QuantizedWeight) else a.astype(dtype)
 
     def tensor(name: str) -> np.ndarray | QuantizedWeight:
-        return f.native(name, dtype_name) if native else f.array(name)
+        return cast(f.native(name, dtype_name) if native else f.array(name))
 
-    params: dict[str, Any] = {"embed": cast(tensor("token_embd.weight"))}
+    def norm(name: str) -> np.ndarray:
+        # llama.cpp's converter stores Gemma's RMSNorm weights as (1 + w); the model adds the 1 itself.
+        return cast(f.array(name) - 1.0 if arch in _GEMMAS else f.array(name))
+
+    def unpermute(weight: np.ndarray | QuantizedWeight, heads: int) -> np.ndarray | QuantizedWeight:
+        return _unpermute(weight, heads) if arch in _PERMUTED_QK else weight
+
+    params: dict[str, Any] = {"embed": tensor("token_embd.weight")}
+    hd = config.head_dim
     for i in range(config.num_layers):
         blk = f"blk.{i}"
-        params[f"layer_{i}"] = {
-            "attn_norm": {"scale": cast(f.array(f"{blk}.attn_norm.weight"))},
-            "attn": {
-                "q": {"weight": cast(_unpermute(tensor(f"{blk}.attn_q.weight"), config.num_heads))},
-                "k": {"weight": cast(_unpermute(tensor(f"{blk}.attn_k.weight"), config.num_kv_heads))},
-                "v": {"weight": cast(tensor(f"{blk}.attn_v.weight"))},
-                "o": {"weight": cast(tensor(f"{blk}.attn_output.weight"))},
-            },
-            "mlp_norm": {"scale": cast(f.array(f"{blk}.ffn_norm.weight"))},
-            "mlp": {
-                "gate": {"weight": cast(tensor(f"{blk}.ffn_gate.weight"))},
-                "up": {"weight": cast(tensor(f"{blk}.ffn_up.weight"))},
-                "down": {"weight": cast(tensor(f"{blk}.ffn_down.weight"))},
-            },
+        layer: dict[str, Any] = {
+            ours: {"scale": norm(f"{blk}.{theirs}.weight")}
+            for ours, theirs in _BLOCK_NORMS.items()
+            if f"{blk}.{theirs}.weight" in f.tensors
         }
-    params["final_norm"] = {"scale": cast(f.array("output_norm.weight"))}
+        attn: dict[str, Any] = {"o": {"weight": tensor(f"{blk}.attn_output.weight")}}
+        if f"{blk}.attn_qkv.weight" in f.tensors:  # Phi-3: fused [q; k; v] rows
+            qkv = f.array(f"{blk}.attn_qkv.weight")
+            q_rows, kv_rows = config.num_heads * hd, config.num_kv_heads * hd
+            parts = np.split(qkv, [q_rows, q_rows + kv_rows])
+            for proj, part in zip("qkv", parts):
+                attn[proj] = {"weight": _requantize(part, f, f"{blk}.attn_qkv.weight", native, dtype_name)}
+        else:
+            attn["q"] = {"weight": unpermute(tensor(f"{blk}.attn_q.weight"), config.num_heads)}
+            attn["k"] = {"weight": unpermute(tensor(f"{blk}.attn_k.weight"), config.num_kv_heads)}
+            attn["v"] = {"weight": tensor(f"{blk}.attn_v.weight")}
+        for proj in "qkv":
+            if f"{blk}.attn_{proj}.bias" in f.tensors:
+                attn[proj]["bias"] = cast(f.array(f"{blk}.attn_{proj}.bias"))
+        for proj in "qk":
+            if f"{blk}.attn_{proj}_norm.weight" in f.tensors:
+                attn[f"{proj}_norm"] = {"scale": norm(f"{blk}.attn_{proj}_norm.weight")}
+        layer["attn"] = attn
+        if f"{blk}.ffn_gate.weight" in f.tensors:
+            mlp = {name: {"weight": tensor(f"{blk}.ffn_{name}.weight")} for name in ("gate", "up", "down")}
+        else:  # Phi-3: ffn_up holds [gate; up] rows
+            gate, up = np.split(f.array(f"{blk}.ffn_up.weight"), 2)
+            mlp = {
+                "gate": {"weight": _requantize(gate, f, f"{blk}.ffn_up.weight", native, dtype_name)},
+                "up": {"weight": _requantize(up, f, f"{blk}.ffn_up.weight", native, dtype_name)},
+                "down": {"weight": tensor(f"{blk}.ffn_down.weight")},
+            }
+        layer["mlp"] = mlp
+        params[f"layer_{i}"] = layer
+    params["final_norm"] = {"scale": norm("output_norm.weight")}
     if not tied:
-        params["lm_head"] = cast(tensor("output.weight"))
+        params["lm_head"] = tensor("output.weight")
     expected = (config.vocab_size, config.d_model)
     if params["embed"].shape != expected:
         raise ValueError(f"{path}: token_embd.weight has shape {params['embed'].shape}, expected {expected}")
+    if f.converted_types:
+        warnings.warn(
+            f"{f.path.name}: quant='native' keeps {', '.join(GGUF_KINDS)} blocks; its "
+            f"{', '.join(sorted(f.converted_types))} matrices were converted to int8 per channel",
+            stacklevel=2,
+        )
     return config, params, tokenizer_from_gguf(f.metadata)
+
+
+def _requantize(part: np.ndarray, f: GGUFFile, name: str, native: bool, dtype: str) -> np.ndarray | QuantizedWeight:
+    """A slice of a fused tensor (already dequantized): float, or with `native` int8 (the slice boundaries
+    need not fall on GGUF blocks of the fused rows' layout, so blocks are not kept)."""
+    if not native or f.tensors[name].tensor_type.name in ("F32", "F16", "BF16"):
+        return part.astype(dtype)
+    f.converted_types.add(f.tensors[name].tensor_type.name + " (fused)")
+    return quantize_int8(part, dtype)

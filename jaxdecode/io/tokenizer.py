@@ -11,7 +11,7 @@ from typing import Any
 import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 # Split rules of llama.cpp's pre-tokenizers (`tokenizer.ggml.pre`), applied one after the other.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -75,27 +75,25 @@ def _stop_ids(vocab: dict[str, int], eos_ids: Sequence[int]) -> tuple[int, ...]:
 
 
 def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
-    """A byte-level BPE tokenizer built from `tokenizer.ggml.*` metadata, matching llama.cpp's splitting."""
+    """The tokenizer described by `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`) split as llama.cpp
+    splits it, or SentencePiece BPE with byte fallback (`llama`: Llama 2, Mistral, Gemma, Phi-3), built
+    the way HF transformers builds it from the same file so that both give the same ids."""
     kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer {kind!r}: only byte-level BPE ('gpt2') is supported")
-    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-    token_types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZER_SPLITS:
-        raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(PRE_TOKENIZER_SPLITS)}")
-
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(rule), behavior="isolated") for rule in PRE_TOKENIZER_SPLITS[pre]]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    backend.decoder = decoders.ByteLevel()
+    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+    token_types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    if kind == "gpt2":
+        backend = _byte_level_backend(metadata, tokens)
+    elif kind == "llama":
+        backend = _sentencepiece_backend(metadata, tokens)
+    else:
+        raise ValueError(
+            f"unsupported GGUF tokenizer {kind!r}; supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece)"
+        )
+    vocab = backend.get_vocab(with_added_tokens=False)
     bos = metadata.get("tokenizer.ggml.bos_token_id")
     eos = metadata.get("tokenizer.ggml.eos_token_id")
-    if metadata.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+    if metadata.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)]
         )
@@ -104,7 +102,11 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
         [tokenizers.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, token_types) if k == 3]
     )
     backend.add_tokens(
-        [tokenizers.AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, token_types) if k == 4]
+        [
+            tokenizers.AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, token_types)
+            if k == 4 and t in vocab
+        ]
     )
     special = {}
     for name, key in (("bos_token", bos), ("eos_token", eos)):
@@ -112,10 +114,75 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
             special[name] = tokens[key]
     return Tokenizer(
         backend=backend,
-        stop_ids=_stop_ids(vocab, [] if eos is None else [eos]),
+        stop_ids=_stop_ids({t: i for i, t in enumerate(tokens)}, [] if eos is None else [eos]),
         chat_template=metadata.get("tokenizer.chat_template"),
         special_tokens=special,
     )
+
+
+def _byte_level_backend(metadata: dict[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:
+    merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZER_SPLITS:
+        raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(PRE_TOKENIZER_SPLITS)}")
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(rule), behavior="isolated") for rule in PRE_TOKENIZER_SPLITS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _sentencepiece_backend(metadata: dict[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:
+    """SentencePiece BPE as a `tokenizers` BPE with byte fallback. The file has no merges; they are
+    recovered from the vocabulary: every split of a token into two tokens is a merge, ranked by the
+    merged token's score (Gemma: by its place in the vocabulary, which is its merge order)."""
+    gemma = metadata.get("general.architecture") in ("gemma", "gemma2", "gemma3")
+    if gemma:  # Gemma stores its runs of spaces as real spaces; its pieces spell them as the visible space
+        tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+        scores = {t: -float(i) for i, t in enumerate(tokens)}
+    else:
+        scores = dict(zip(tokens, (float(x) for x in metadata["tokenizer.ggml.scores"])))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    backend = tokenizers.Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=_merges_from_vocab(vocab, scores), fuse_unk=True, unk_token=unk, byte_fallback=True
+        )
+    )
+    pieces = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    add_prefix_space = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    if gemma:
+        backend.normalizer = normalizers.Replace(" ", _SPACE)
+    elif metadata.get("general.architecture") == "phi3":  # the prefix space comes from a normalizer (as HF's)
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), normalizers.Replace(" ", _SPACE)])
+        pieces.append(decoders.Strip(content=" ", left=1))
+    else:
+        scheme = "first" if add_prefix_space else "never"
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme=scheme, split=False)
+        if add_prefix_space:
+            pieces.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(pieces)
+    return backend
+
+
+def _merges_from_vocab(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary, best first: for each token every (left, right)
+    split into two tokens, ordered by the token's score, then by the lengths of the halves (the order
+    HF transformers' `generate_merges` gives, so both tokenize alike)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend((left, right, score) for left, right in local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
 
 def _token_text(entry: Any) -> str | None:
