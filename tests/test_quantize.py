@@ -19,6 +19,7 @@ import pytest
 import jaxdecode as jd
 from jaxdecode import checkpoint, quantize
 from jaxdecode.io.gguf import GGUFFile
+from jaxdecode.io.sources import embedded_model_path
 from jaxdecode.model import linear_weights_to_in_out
 
 from tiny import TINY, tiny_model
@@ -74,27 +75,73 @@ def test_gguf_blocks_bit_exact(kind, columns):
 
 @pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "blk.3.attn_k.weight", "token_embd.weight"])
 def test_real_gguf_tensors_bit_exact(name):
-    f = GGUFFile(jd.api.embedded_model_path("smollm2-135m"))
+    f = GGUFFile(embedded_model_path("smollm2-135m"))
     q = f.native(name, "float32")
     assert q.kind == {"token_embd.weight": "q8_0"}.get(name, "q4_1")
     got = np.asarray(jax.jit(quantize.dequantize)(jax.tree.map(jnp.asarray, q)))
     assert np.array_equal(got, f.array(name))
 
 
-def test_native_refuses_other_gguf_types(tmp_path):
-    path = tmp_path / "q5.gguf"
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _random_blocks(qtype: gguf.GGMLQuantizationType, rows: int, columns: int) -> np.ndarray:
+    """Random raw blocks of `qtype` for a `[rows, columns]` tensor. Bytes whose float16 reading (as the
+    high byte of a scale) would be inf or NaN are avoided, so every block decodes to finite numbers."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    finite = np.array([b for b in range(256) if b & 0x7C != 0x7C], np.uint8)
+    return RNG.choice(finite, size=(rows, columns // block * type_size)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", GGUF_TYPES)
+def test_every_gguf_type_read_as_gguf_dequantizes_it(tmp_path, kind):
+    """Each supported tensor type, written to a file as raw blocks: `array` is `gguf.quants.dequantize` of
+    those bytes in `[out, in]` order; `native` keeps Q8_0/Q4_x blocks bit for bit and turns the other
+    quantized types into int8 within half a step of the dequantized values, saying which."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    rows, columns = 8, 256  # 256: one K-quant super-block per row
+    if kind in ("F32", "F16", "BF16"):
+        raw = gguf.quants.quantize(_weights(rows, columns), qtype)
+    else:
+        raw = _random_blocks(qtype, rows, columns)
+    expected = gguf.quants.dequantize(raw, qtype)
+    assert expected.shape == (rows, columns) and np.isfinite(expected).all()
+    path = tmp_path / f"{kind}.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor(
-        "w",
-        gguf.quants.quantize(_weights(4, 64), gguf.GGMLQuantizationType.Q5_0),
-        raw_dtype=gguf.GGMLQuantizationType.Q5_0,
-    )
+    writer.add_tensor("w", raw, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="Q5_0; native keeps only Q8_0, Q4_0, Q4_1"):
-        GGUFFile(path).native("w", "float32")
+    f = GGUFFile(path)
+    assert np.array_equal(f.array("w"), expected.astype(np.float32))
+    native = f.native("w", "float32")
+    if kind in ("F32", "F16", "BF16"):
+        assert np.array_equal(native, expected.astype(np.float32)) and not f.converted_types
+        return
+    deq = np.asarray(quantize.dequantize(jax.tree.map(jnp.asarray, native)))
+    if kind in quantize.GGUF_KINDS:
+        assert native.kind == quantize.GGUF_KINDS[kind] and np.array_equal(deq, expected)
+        assert not f.converted_types
+    else:
+        assert native.kind == "int8" and f.converted_types == {kind}
+        # Half a step, plus float32 rounding of values this large (random blocks span a wide range).
+        bound = np.asarray(native.scales) / 2 * (1 + 1e-6) + 2 * np.spacing(np.abs(expected))
+        assert np.all(np.abs(deq - expected) <= bound)
+
+
+def test_real_gemma_tensors_of_every_stored_type():
+    """The Gemma 3 file's Q8_0, Q5_0, Q4_K, Q6_K and F32 tensors: `array` equals gguf's dequantization of
+    the stored blocks, shaped `[out, in]` as GGUF's reversed dimensions say."""
+    f = GGUFFile(embedded_model_path("gemma3-270m"))
+    by_type = {}
+    for t in f.reader.tensors:
+        by_type.setdefault(t.tensor_type.name, t)
+    assert {"Q8_0", "Q5_0", "Q4_K", "Q6_K", "F32"} <= set(by_type)
+    for t in by_type.values():
+        got = f.array(t.name)
+        assert got.shape == tuple(int(n) for n in reversed(t.shape))
+        assert np.array_equal(got, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(got.shape))
 
 
 def _quantized_weights(out: int, columns: int) -> dict[str, quantize.QuantizedWeight]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import jaxdecode as jd
-from jaxdecode.api import embedded_model_path
+from jaxdecode.io.sources import embedded_model_path
 
 PROMPTS = [
     "The capital of France is",
