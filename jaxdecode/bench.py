@@ -51,8 +51,8 @@ def prompt_ids(length: int) -> list[int]:
     """The first `length` token ids of CPython's `pydoc_data` topics (English prose), SmolLM2 tokenizer."""
     from pydoc_data.topics import topics
 
-    from .io.sources import embedded_model_path
     from .io.gguf import GGUFFile
+    from .io.sources import embedded_model_path
     from .io.tokenizer import tokenizer_from_gguf
 
     tokenizer = tokenizer_from_gguf(GGUFFile(embedded_model_path("smollm2-135m")).metadata)
