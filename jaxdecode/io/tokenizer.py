@@ -121,7 +121,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
 
 
 def _byte_level_backend(metadata: dict[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:
-    merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     pre = metadata.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_SPLITS:
