@@ -19,6 +19,7 @@ engine's process.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -47,17 +48,35 @@ PEER_MODULES = {"hf": ("transformers", "torch"), "llamacpp": ("llama_cpp",)}
 THREADS = 2
 
 
-def prompt_ids(length: int) -> list[int]:
-    """The first `length` token ids of CPython's `pydoc_data` topics (English prose), SmolLM2 tokenizer."""
-    from pydoc_data.topics import topics
+DEFAULT_MODEL = "smollm2-135m"
 
+
+def model_file(model: str):
+    """The GGUF file behind `--model` (an embedded name or a .gguf path): the peers load the same file."""
+    from .io.sources import resolve_source
+
+    path = resolve_source(model)
+    if not path.is_file():
+        raise ValueError(f"bench --model needs an embedded name or a .gguf file (its peers load GGUF), got {model}")
+    return path
+
+
+@functools.cache
+def _tokenizer(model: str):
     from .io.gguf import GGUFFile
-    from .io.sources import embedded_model_path
     from .io.tokenizer import tokenizer_from_gguf
 
-    tokenizer = tokenizer_from_gguf(GGUFFile(embedded_model_path("smollm2-135m")).metadata)
+    return tokenizer_from_gguf(GGUFFile(model_file(model)).metadata)
+
+
+def prompt_ids(length: int, model: str = DEFAULT_MODEL) -> list[int]:
+    """The first `length` token ids of CPython's `pydoc_data` topics (English prose), the model's tokenizer
+    (as text ids: no BOS)."""
+    from pydoc_data.topics import topics
+
+    tokenizer = _tokenizer(model)
     text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer.encode(text[: length * 8])
+    ids = tokenizer.backend.encode(text[: length * 8], add_special_tokens=False).ids
     if len(ids) < length:
         raise SystemExit(f"not enough text for a {length}-token prompt")
     return ids[:length]
@@ -82,10 +101,10 @@ def run_jaxdecode(spec: dict, prompt: list[int], runs: int) -> dict:
     import jaxdecode as jd
 
     batch, new_tokens = spec["batch"], spec["new_tokens"]
-    model = jd.load("smollm2-135m", dtype=spec["dtype"], quant=spec["quant"], group_size=INT4_GROUP)
+    model = jd.load(spec["model"], dtype=spec["dtype"], quant=spec["quant"], group_size=INT4_GROUP)
     extra = {}
-    if spec["suite"] == "quant":
-        ppl, _ = jd.perplexity(model, prompt_ids(spec["ppl_tokens"]), window=spec["ppl_window"])
+    if spec["ppl"]:
+        ppl, _ = jd.perplexity(model, prompt_ids(spec["ppl_tokens"], spec["model"]), window=spec["ppl_window"])
         extra = {"perplexity": ppl, "param_bytes": jd.quantize.param_bytes(model.params)}
     prompts = [prompt] * batch
     first = jd.generate(model, prompts, max_new_tokens=new_tokens, stop_ids=())
@@ -105,11 +124,9 @@ def run_hf(spec: dict, prompt: list[int], runs: int) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
-    from .io.sources import embedded_model_path
-
     dtype, batch, new_tokens = spec["dtype"], spec["batch"], spec["new_tokens"]
     torch.set_num_threads(THREADS)
-    path = embedded_model_path("smollm2-135m")
+    path = model_file(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=getattr(torch, dtype))
     model.eval()
     ids = torch.tensor([prompt] * batch)
@@ -150,8 +167,6 @@ def run_llamacpp(spec: dict, prompt: list[int], runs: int) -> dict:
     import llama_cpp
     import llama_cpp.llama_cpp as low_level
 
-    from .io.sources import embedded_model_path
-
     # llama.cpp's AMX buffers crash on some CPUs (BRIEF §5): keep weights in the plain AVX-512 path.
     default_params = low_level.llama_model_default_params
 
@@ -161,22 +176,22 @@ def run_llamacpp(spec: dict, prompt: list[int], runs: int) -> dict:
         return params
 
     low_level.llama_model_default_params = params_without_extra_buffers
-    new_tokens, quant_suite = spec["new_tokens"], spec["suite"] == "quant"
-    path = embedded_model_path("smollm2-135m")
+    new_tokens, with_ppl = spec["new_tokens"], spec["ppl"]
+    path = model_file(spec["model"])
     llm = llama_cpp.Llama(
         model_path=str(path),
-        n_ctx=max(len(prompt) + new_tokens + 16, spec["ppl_window"] if quant_suite else 0),
+        n_ctx=max(len(prompt) + new_tokens + 16, spec["ppl_window"] if with_ppl else 0),
         n_batch=512,
         n_threads=THREADS,
         n_threads_batch=THREADS,
-        logits_all=quant_suite,  # perplexity needs every position's logits
+        logits_all=with_ppl,  # perplexity needs every position's logits
         verbose=False,
     )
     extra = {}
-    if quant_suite:
+    if with_ppl:
         from .io.gguf import GGUFFile
 
-        perplexity = _llamacpp_perplexity(llm, prompt_ids(spec["ppl_tokens"]), spec["ppl_window"])
+        perplexity = _llamacpp_perplexity(llm, prompt_ids(spec["ppl_tokens"], spec["model"]), spec["ppl_window"])
         extra = {"perplexity": perplexity, "param_bytes": GGUFFile(path).data_bytes}
 
     def once() -> tuple[float, float, float]:
@@ -233,13 +248,28 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
 
 
-def _engines(peers: list[str], dtypes: list[str], suite: dict) -> list[tuple[str, str, str | None]]:
+def gguf_file_type(path) -> str:
+    """The file's weight format as llama.cpp names it ("q4_1", "q4_k_m", ...): the llama.cpp rows' label."""
+    import gguf
+
+    from .io.gguf import GGUFFile
+
+    file_type = GGUFFile(path).metadata.get("general.file_type")
+    try:
+        return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").lower()
+    except ValueError:
+        return "gguf"
+
+
+def _engines(args: argparse.Namespace, suite: dict) -> list[tuple[str, str, str | None]]:
     """(engine, dtype, weight format) triples; the quant suite runs jaxdecode once per format and no HF."""
-    engines = [("jaxdecode", d, q) for d in dtypes for q in suite.get("quants", [None])]
-    if "hf" in peers and "quants" not in suite:
+    quants = args.quants if args.quants is not None else suite.get("quants", [None])
+    engines = [("jaxdecode", d, q) for d in args.dtypes for q in quants]
+    if "hf" in args.peers and "quants" not in suite:
         engines += [("hf", "float32", None), ("hf", "bfloat16", None)]
-    if "llamacpp" in peers:
-        engines.append(("llamacpp", "q4_1", "q4_1"))
+    if "llamacpp" in args.peers:
+        stored = gguf_file_type(model_file(args.model))
+        engines.append(("llamacpp", stored, stored))
     return engines
 
 
@@ -247,17 +277,19 @@ def run_suite(args: argparse.Namespace, name: str) -> list[dict]:
     suite = SUITES[name]
     batches, prompts = args.batch or suite["batch"], args.prompt or suite["prompt"]
     new_tokens = args.new_tokens or suite["new_tokens"]
-    engines = _engines(args.peers, args.dtypes, suite)
+    engines = _engines(args, suite)
     rows, shape_index = [], 0
     for prompt in prompts:
         for batch in batches:
             order = engines if shape_index % 2 == 0 else engines[::-1]
             shape_index += 1
             for engine, dtype, quant in order:
-                base = {"suite": name, "engine": engine, "dtype": dtype, "quant": quant}
-                base.update(batch=batch, prompt=prompt, new_tokens=new_tokens)
-                if name == "quant":
+                base = {"suite": name, "model": args.model, "engine": engine, "dtype": dtype, "quant": quant}
+                base.update(batch=batch, prompt=prompt, new_tokens=new_tokens, ppl=name == "quant" or args.ppl)
+                if base["ppl"] and engine != "hf":
                     base.update(ppl_tokens=args.ppl_tokens, ppl_window=args.ppl_window)
+                else:
+                    base["ppl"] = False
                 reason = _skip_reason(engine, batch)
                 if reason is None:
                     command = [sys.executable, "-m", "jaxdecode.bench", "--child", json.dumps(base)]
@@ -277,7 +309,7 @@ def run_suite(args: argparse.Namespace, name: str) -> list[dict]:
 
 
 def child(spec: dict, runs: int) -> dict:
-    prompt = prompt_ids(spec["prompt"])
+    prompt = prompt_ids(spec["prompt"], spec["model"])
     measured = RUNNERS[spec["engine"]](spec, prompt, runs)
     return {**spec, **measured, "peak_rss_mb": _peak_rss_mb()}
 
@@ -352,7 +384,7 @@ def quant_table(measured: list[dict]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, model: str = DEFAULT_MODEL) -> None:
     """Decode tokens/s against prompt length (batch 1) and against batch size, one line per engine."""
     import matplotlib
 
@@ -377,7 +409,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M decode throughput, same machine, same run")
+    fig.suptitle(f"{model} decode throughput, same machine, same run")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -397,8 +429,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, nargs="+", help="spec suite: context lengths (prompt tokens)")
     p.add_argument("--gamma", type=int, nargs="+", help="spec suite: tokens drafted per round")
     p.add_argument("--budget", type=int, nargs="+", help="spec suite: KV entries the self-draft reads")
-    p.add_argument("--ppl-tokens", type=int, default=2048, help="quant suite: perplexity over the first N tokens")
-    p.add_argument("--ppl-window", type=int, default=1024, help="quant suite: in non-overlapping windows of W")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or .gguf file (the peers load the same file)")
+    p.add_argument("--quants", help="jaxdecode weight formats, comma-separated: none, int8, int4, native")
+    p.add_argument(
+        "--ppl", action="store_true", help="also score perplexity (jaxdecode and llama.cpp; the quant suite always)"
+    )
+    p.add_argument("--ppl-tokens", type=int, default=2048, help="perplexity over the first N pydoc_data tokens")
+    p.add_argument("--ppl-window", type=int, default=1024, help="in non-overlapping windows of W tokens")
     p.add_argument("--json", help="write {machine, rows} here")
     p.add_argument("--plot", help="write a PNG of decode tokens/s vs context and vs batch here")
 
@@ -426,6 +463,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"need 2 <= --ppl-window <= --ppl-tokens, got {args.ppl_window} and {args.ppl_tokens}")
     if args.runs < 1:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    if args.quants is not None:
+        args.quants = [None if q == "none" else q for q in args.quants.split(",")]
+        bad = [q for q in args.quants if q not in (None, "int8", "int4", "native")]
+        if bad:
+            raise ValueError(f"unknown weight format {bad[0]!r}; use none, int8, int4 and/or native")
+    model_file(args.model)  # a bad --model fails here, with one line
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install -e '.[peers]'")
     if any(n < 1 for n in (*(args.gamma or [1]), *(args.budget or [17]), *(args.context or [1]))):
@@ -439,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"machine": this_machine, "suite": args.suite, "rows": rows}, f, indent=1)
     if args.plot:
-        (spec_plot if spec else plot)(rows, args.plot)
+        spec_plot(rows, args.plot) if spec else plot(rows, args.plot, args.model)
     return 0
 
 
@@ -461,10 +504,10 @@ def spec_child(shape: dict, runs: int) -> list[dict]:
     from .generate import decode_loop
 
     batch, context, new_tokens = shape["batch"], shape["context"], shape["new_tokens"]
-    model = jd.load("smollm2-135m")
+    model = jd.load(shape["model"])
     max_gamma = max([*shape["gamma"], 8])
     _, arrays, statics, state, _, _, _ = api._start(
-        model, [prompt_ids(context)], new_tokens, jd.Sampling(), 0, (), extra_slots=2 * (max_gamma + 1)
+        model, [prompt_ids(context, shape["model"])], new_tokens, jd.Sampling(), 0, (), extra_slots=2 * (max_gamma + 1)
     )
     tile = jax.jit(lambda tree: jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0) if jnp.ndim(a) else a, tree))
     arrays = tile(arrays)
@@ -581,7 +624,9 @@ def spec_plot(rows: list[dict], path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("speculative / plain decode tokens/s")
-    ax.set_title("SmolLM2-135M self-speculation (best gamma), same run")
+    ax.set_title(
+        f"{rows[0].get('model', DEFAULT_MODEL) if rows else DEFAULT_MODEL} self-speculation (best gamma), same run"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -594,6 +639,7 @@ def run_spec(args: argparse.Namespace) -> list[dict]:
     for context in args.context or SPEC_SUITE["context"]:
         for batch in args.batch or SPEC_SUITE["batch"]:
             shape = {
+                "model": args.model,
                 "batch": batch,
                 "context": context,
                 "new_tokens": args.new_tokens or 64,

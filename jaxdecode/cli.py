@@ -40,7 +40,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, .gguf file, HF directory or checkpoint")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="embedded name (smollm2-135m, gemma3-270m), .gguf file, HF directory, checkpoint or hub id (org/name)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument(
         "--attention",
@@ -80,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message")
     _add_model_args(chat)
     convert = sub.add_parser("convert", help="save a model (optionally quantized) as a jaxdecode Orbax checkpoint")
-    convert.add_argument("source", help="embedded name, .gguf file, HF directory or checkpoint")
+    convert.add_argument(
+        "source",
+        help="embedded name (smollm2-135m, gemma3-270m), .gguf file, HF directory, checkpoint or hub id (org/name)",
+    )
     convert.add_argument("destination", help="checkpoint directory (an existing checkpoint is replaced safely)")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _add_quant_args(convert)

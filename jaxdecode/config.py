@@ -302,17 +302,18 @@ def _layernorm_settings(hf: dict[str, Any], *, norm_bias: bool, linear_bias: boo
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Map a Hugging Face `config.json` (as a dict) to a `ModelConfig`."""
     model_type = hf.get("model_type")
-    if model_type in ("llama", "mistral", "qwen2"):
+    if model_type in ("llama", "mistral", "ministral", "qwen2"):
         theta, scaling = _rope_from_hf(hf)
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        window = None
-        if model_type == "mistral":
+        window, layer_types = None, None
+        if model_type in ("mistral", "ministral"):
             window = hf.get("sliding_window")
+            layer_types = _layer_types(hf, None) if window else None  # Ministral: per-layer
         elif model_type == "qwen2" and hf.get("use_sliding_window"):
             window = hf.get("sliding_window")
         return ModelConfig(
-            family=model_type,
+            family="mistral" if model_type == "ministral" else model_type,
             vocab_size=hf["vocab_size"],
             d_model=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"],
@@ -330,6 +331,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             rope_scaling=scaling,
             tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen2")),
             sliding_window=window,
+            layer_types=layer_types,
         )
     if model_type == "gemma":
         theta, scaling = _rope_from_hf(hf)
@@ -551,6 +553,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 HF_MODEL_TYPES = (
     "llama",
     "mistral",
+    "ministral",
     "qwen2",
     "qwen3",
     "gemma",

@@ -4,7 +4,8 @@ Grid `(batch x KV heads, row blocks, splits)`, one warpgroup per CUDA block. A b
 rows (the whole GQA group of a decode step, or 64 prefill rows) into shared memory once, then walks only
 the KV blocks its rows can see (sink blocks, then the window up to its length, within its split): the
 trip count is dynamic, so nothing past a row's length is read. K/V tiles arrive by TMA into two
-shared-memory slots, the next tile's copy in flight while the current one is used. Scores
+shared-memory slots, the next tile's copy in flight while the current one is used (one slot for
+head_dim > 128, which would not fit twice: `slots`). Scores
 `q @ k^T` and `p @ v` run on the tensor cores (wgmma, M = 64), the online softmax in registers.
 
 Constraints (else `supports` is False and the caller falls back to XLA): 16-bit inputs (wgmma has no
@@ -32,8 +33,14 @@ from . import common
 from .common import Problem
 
 BLOCK_ROWS = 64  # one warpgroup's wgmma M
-BLOCK_KV = 64
-_SLOTS = 2
+BLOCK_KV = 64  # keys per K/V tile: the K of the p @ v wgmma, which must be a multiple of 64 for 16-bit inputs
+
+
+def slots(problem: Problem) -> int:
+    """K/V tiles in flight: two (the next tile's copy overlaps this one's math), or one for head_dim > 128.
+    With head_dim 256 (Gemma) two slots of K and V, q and a float32 output tile need 234,552 bytes of shared
+    memory, over an H100's 232,448 (the CUDA lowering refuses it); one slot needs 65,536 bytes less."""
+    return 2 if problem.head_dim <= 128 else 1
 
 
 def supports(problem: Problem, dtype) -> bool:
@@ -117,14 +124,17 @@ def _kernel(
     q_pos = lax.broadcast_in_dim(q_offset + plgpu.layout_cast(row_t_smem[...], row_layout), tile, [0])
     slope = lax.broadcast_in_dim(plgpu.layout_cast(slope_smem[...], row_layout), tile, [0])
 
+    double_buffered = slots(problem) == 2
+
     def step(i, carry):
         acc, m_prev, l_prev = carry
-        slot = lax.rem(i, _SLOTS)
+        slot = lax.rem(i, slots(problem))
 
-        # The other slot was consumed by step i - 1 (its wgmmas were waited for): refill it.
-        @pl.when(i + 1 < count)
-        def _():
-            fetch(i + 1, 1 - slot)
+        if double_buffered:  # the other slot was consumed by step i - 1 (its wgmmas were waited for): refill it
+
+            @pl.when(i + 1 < count)
+            def _():
+                fetch(i + 1, 1 - slot)
 
         plgpu.barrier_wait(k_barriers.at[slot])
 
@@ -146,6 +156,12 @@ def _kernel(
             return acc_ref[...]
 
         pv_block = pl.run_scoped(pv, plgpu.ACC((BLOCK_ROWS, problem.head_dim), jnp.float32))
+        if not double_buffered:  # the one slot is free once this step's wgmmas are done: load the next tile
+
+            @pl.when(i + 1 < count)
+            def _():
+                fetch(i + 1, 0)
+
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_block
         return acc, m_next, l_next
 
@@ -198,15 +214,15 @@ def attend_rows(
         ],
         scratch_types=[
             plgpu.SMEM((BLOCK_ROWS, head_dim), q.dtype, transforms=swizzled),
-            plgpu.SMEM((_SLOTS, BLOCK_KV, head_dim), k.dtype, transforms=swizzled),
-            plgpu.SMEM((_SLOTS, BLOCK_KV, head_dim), v.dtype, transforms=swizzled),
+            plgpu.SMEM((slots(problem), BLOCK_KV, head_dim), k.dtype, transforms=swizzled),
+            plgpu.SMEM((slots(problem), BLOCK_KV, head_dim), v.dtype, transforms=swizzled),
             plgpu.SMEM((BLOCK_ROWS, head_dim), out_dtype),
             plgpu.SMEM((BLOCK_ROWS,), jnp.float32),
             plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
             plgpu.SMEM((BLOCK_ROWS,), jnp.float32),
             plgpu.Barrier(num_barriers=3),
-            plgpu.Barrier(num_barriers=_SLOTS),
-            plgpu.Barrier(num_barriers=_SLOTS),
+            plgpu.Barrier(num_barriers=slots(problem)),
+            plgpu.Barrier(num_barriers=slots(problem)),
         ],
         grid=(n, padded_rows // BLOCK_ROWS, num_splits),
         grid_names=("n", "rows", "split"),

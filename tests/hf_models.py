@@ -56,6 +56,16 @@ def _configs() -> dict[str, tf.PretrainedConfig]:
         "mistral_head_dim": tf.MistralConfig(
             **common, num_attention_heads=4, num_key_value_heads=2, head_dim=24, sliding_window=None
         ),
+        # Ministral: per-layer sliding / full attention from layer_types, explicit head_dim.
+        "ministral": tf.MinistralConfig(
+            **{**common, "num_hidden_layers": 3},
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            max_position_embeddings=256,
+        ),
         # Gemma 2: alternating sliding (window 7 < the test sequences) / full layers, both soft-caps small
         # enough to bend the scores, query_pre_attn_scalar != head_dim, four norms per block.
         "gemma2": tf.Gemma2Config(

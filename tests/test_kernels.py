@@ -96,7 +96,9 @@ def _slopes(rng, num_heads):
     return jnp.asarray(rng.uniform(0.01, 0.6, size=num_heads), jnp.float32)
 
 
-def check_decode(seed, batch, heads, head_dim, q_len, capacity, lengths, splits, dtype, alibi, window, sinks):
+def check_decode(
+    seed, batch, heads, head_dim, q_len, capacity, lengths, splits, dtype, alibi, window, sinks, softcap=None
+):
     rng = np.random.default_rng(seed)
     group, num_kv_heads = heads
     q, k, v = _inputs(rng, batch, group, num_kv_heads, q_len, capacity, head_dim, dtype)
@@ -111,12 +113,13 @@ def check_decode(seed, batch, heads, head_dim, q_len, capacity, lengths, splits,
         alibi_slopes=slopes,
         window=window,
         sinks=sinks,
+        softcap=softcap,
         backend="interpret",
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     q_pos = lengths[:, None] - q_len + np.arange(q_len)[None, :]
     check_against_reference(
-        out, q, k, v, q_pos, lengths, scale=head_dim**-0.5, slopes=slopes, window=window, sinks=sinks
+        out, q, k, v, q_pos, lengths, scale=head_dim**-0.5, slopes=slopes, window=window, sinks=sinks, softcap=softcap
     )
 
 
@@ -132,7 +135,7 @@ def decode_cases(draw):
         seed=draw(st.integers(0, 2**16)),
         batch=batch,
         heads=draw(st.sampled_from(HEAD_LAYOUTS)),
-        head_dim=draw(st.sampled_from([64, 128])),
+        head_dim=draw(st.sampled_from([64, 128, 256])),  # 256: Gemma
         q_len=q_len,
         capacity=capacity,
         lengths=[draw(length) for _ in range(batch)],
@@ -141,6 +144,7 @@ def decode_cases(draw):
         alibi=draw(st.booleans()),
         window=window,
         sinks=draw(st.sampled_from([0, 4])) if window else 0,
+        softcap=draw(st.sampled_from([None, 3.0])),  # Gemma 2 caps scores
     )
 
 
@@ -187,13 +191,14 @@ def prefill_cases(draw):
         seed=draw(st.integers(0, 2**16)),
         batch=batch,
         heads=draw(st.sampled_from(HEAD_LAYOUTS)),
-        head_dim=draw(st.sampled_from([64, 128])),
+        head_dim=draw(st.sampled_from([64, 128, 256])),
         seq=seq,
         lengths=draw(st.none() | st.lists(st.integers(1, seq), min_size=batch, max_size=batch)),
         dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
         causal=causal,
         alibi=causal and draw(st.booleans()),
         window=draw(st.sampled_from([None, 9])) if causal else None,
+        softcap=draw(st.sampled_from([None, 3.0])),
     )
 
 
@@ -213,13 +218,24 @@ def test_prefill_kernel_matches_float64_reference(case):
         lengths=None if lengths is None else jnp.asarray(lengths, jnp.int32),
         alibi_slopes=slopes,
         window=case["window"],
+        softcap=case["softcap"],
         backend="interpret",
     )
     kv_len = np.full(case["batch"], seq) if lengths is None else np.asarray(lengths)
     q_pos = np.broadcast_to(np.arange(seq) if case["causal"] else np.full(seq, seq), (case["batch"], seq))
     valid = np.arange(seq)[None, :] < kv_len[:, None]
     check_against_reference(
-        out, q, k, v, q_pos, kv_len, valid, scale=case["head_dim"] ** -0.5, slopes=slopes, window=case["window"]
+        out,
+        q,
+        k,
+        v,
+        q_pos,
+        kv_len,
+        valid,
+        scale=case["head_dim"] ** -0.5,
+        slopes=slopes,
+        window=case["window"],
+        softcap=case["softcap"],
     )
 
 
@@ -243,6 +259,7 @@ LOWERING_SHAPES = [  # batch, Hq, Hkv, Tq, S, D, dtype
     (4, 32, 8, 16, 1024, 128, jnp.bfloat16),  # GQA 4:1, verify-shaped
     (2, 8, 1, 1, 4096, 128, jnp.float16),  # MQA
     (1, 4, 4, 1, 520, 64, jnp.bfloat16),  # S not a multiple of the KV block
+    (1, 4, 1, 1, 1024, 256, jnp.bfloat16),  # Gemma 3 270M: MQA, head_dim 256
 ]
 MARKER = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu"}
 
@@ -270,19 +287,23 @@ def test_decode_kernel_lowers(platform, backend, shape):
     slopes = jax.ShapeDtypeStruct((num_heads,), jnp.float32)
 
     def fn(q, k, v, lengths, slopes):
-        return pk.decode_attention(q, k, v, lengths, alibi_slopes=slopes, window=256, sinks=16, backend=backend)
+        return pk.decode_attention(
+            q, k, v, lengths, alibi_slopes=slopes, window=256, sinks=16, softcap=50.0, backend=backend
+        )
 
     assert MARKER[platform] in _lowered(fn, platform, q, k, v, lengths, slopes)
 
 
 @pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu"), ("tpu", "auto"), ("cuda", "auto")])
-@pytest.mark.parametrize("shape", [(1, 9, 3, 512, 64), (2, 8, 1, 1024, 128), (1, 4, 2, 200, 64)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 9, 3, 512, 64), (2, 8, 1, 1024, 128), (1, 4, 2, 200, 64), (1, 4, 1, 512, 256)], ids=str
+)
 def test_prefill_kernel_lowers(platform, backend, shape):
     batch, num_heads, num_kv_heads, seq, head_dim = shape
     q, k, v = _shapes(batch, num_heads, num_kv_heads, seq, seq, head_dim, jnp.bfloat16)
 
     def fn(q, k, v):
-        return pk.flash_attention(q, k, v, window=128, backend=backend)
+        return pk.flash_attention(q, k, v, window=128, softcap=50.0, backend=backend)
 
     assert MARKER[platform] in _lowered(fn, platform, q, k, v)
 
