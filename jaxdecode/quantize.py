@@ -135,7 +135,7 @@ def quantize_int4(weight: np.ndarray, group_size: int = 128, dtype: str = "float
 
 
 def from_gguf_blocks(blocks: np.ndarray, gguf_type: str, shape: tuple[int, int], dtype: str = "float32"):
-    """A GGUF tensor's raw blocks (uint8 `[out, bytes per row]`, as `gguf.GGUFReader` maps them) ->
+    """A GGUF tensor's raw blocks (uint8 `[out, bytes per row]`, as GGUF stores them) ->
     QuantizedWeight, integers and float16 scales copied bit for bit."""
     kind = GGUF_KINDS.get(gguf_type)
     if kind is None:

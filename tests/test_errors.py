@@ -150,3 +150,33 @@ def test_cli_errors_are_one_line(args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jaxdecode: error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_gguf_header_parser_equals_the_gguf_package(name):
+    """Our bounded header parser reads the real files exactly as `gguf.GGUFReader` does."""
+    from jaxdecode.io.gguf import GGUFFile
+
+    path = embedded_model_path(name)
+    ours, reference = GGUFFile(path), gguf.GGUFReader(path)
+    assert ours.metadata == {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert len(ours.tensors) == len(reference.tensors)
+    for t in reference.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.tensor_type == t.tensor_type and list(mine.shape) == [int(n) for n in t.shape]
+        assert mine.data.shape == t.data.shape and np.array_equal(mine.data, t.data)
+
+
+def test_gguf_huge_array_count_is_refused_at_once(tmp_path):
+    """A metadata array claiming 2^60 items: refused from the byte count, not looped over."""
+    import struct
+    import time
+
+    path = tmp_path / "huge.gguf"
+    key = b"tokenizer.ggml.tokens"
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+    path.write_bytes(header + struct.pack("<IIQ", 9, 8, 2**60) + bytes(64))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="array of 1152921504606846976 items does not fit"):
+        jd.load(path)
+    assert time.perf_counter() - start < 5

@@ -30,10 +30,88 @@ _PERMUTED_QK = ("llama",)
 _GEMMAS = ("gemma", "gemma2", "gemma3")
 
 GGUF_MAGIC = b"GGUF"
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+# GGUF metadata value types -> numpy dtypes (little-endian); 7 is bool, 8 string, 9 array.
+_VALUE_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8"}
+_VALUE_DTYPES[12] = "<f8"
+_STRING, _ARRAY, _BOOL = 8, 9, 7
+# Tensor types stored as plain numbers (read as such); every other type is read as raw bytes per row.
+_PLAIN_TENSOR_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file. `shape` is in GGUF's order (fastest-varying dimension first); `data` is a
+    read-only memory map in numpy order: numbers for plain types, uint8 `[..., bytes per row]` for blocks."""
+
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    @property
+    def n_bytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+class _Cursor:
+    """Reads little-endian GGUF fields from a byte buffer; every length and count is checked against the
+    bytes left *before* anything is allocated or looped over, so a hostile header cannot make it loop or
+    allocate without bound."""
+
+    def __init__(self, buffer: memoryview):
+        self.buffer, self.pos = buffer, 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > len(self.buffer) - self.pos:
+            raise ValueError(
+                f"{what} needs {n} bytes at offset {self.pos}, but the file has {len(self.buffer) - self.pos} left"
+            )
+        view = self.buffer[self.pos : self.pos + n]
+        self.pos += n
+        return view
+
+    def number(self, dtype: str, what: str) -> Any:
+        return np.frombuffer(self.take(np.dtype(dtype).itemsize, what), dtype)[0].item()
+
+    def string(self, what: str) -> str:
+        length = self.number("<u8", what)
+        raw = self.take(length, what)
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{what} is not valid UTF-8 ({e})") from e
+
+    def value(self, kind: int, what: str) -> Any:
+        if kind == _STRING:
+            return self.string(what)
+        if kind == _ARRAY:
+            item_kind, count = self.number("<u4", what), self.number("<u8", what)
+            if item_kind in _VALUE_DTYPES:
+                dtype = np.dtype(_VALUE_DTYPES[item_kind])
+                if count > (len(self.buffer) - self.pos) // dtype.itemsize:
+                    raise ValueError(f"{what}: an array of {count} items does not fit in the file")
+                items = np.frombuffer(self.take(count * dtype.itemsize, what), dtype).tolist()
+                return [bool(x) for x in items] if item_kind == _BOOL else items
+            if item_kind in (_STRING, _ARRAY):
+                # Each item takes at least 8 bytes (a length or a type + count), so `count` is bounded too.
+                if count > (len(self.buffer) - self.pos) // 8:
+                    raise ValueError(f"{what}: an array of {count} items does not fit in the file")
+                return [self.value(item_kind, what) for _ in range(count)]
+            raise ValueError(f"{what}: unknown array item type {item_kind}")
+        if kind in _VALUE_DTYPES:
+            item = self.number(_VALUE_DTYPES[kind], what)
+            return bool(item) if kind == _BOOL else item
+        raise ValueError(f"{what}: unknown value type {kind}")
 
 
 class GGUFFile:
-    """An opened, validated GGUF file: its metadata dict and tensors by name."""
+    """An opened, validated GGUF file: its metadata dict and tensors by name.
+
+    The header is parsed here (not with `gguf.GGUFReader`, which loops over every element of a metadata
+    array in Python: 28 s for Gemma's 262k-token vocabulary, and without bound on a hostile count); the
+    tensor data is memory-mapped and dequantized with `gguf.quants`.
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -43,22 +121,74 @@ class GGUFFile:
             magic = f.read(4)
         if magic != GGUF_MAGIC:
             raise ValueError(f"{self.path} is not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises assorted errors on truncated or corrupt files (header or data)
-            raise ValueError(f"{self.path} is a corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
-        self.tensors = {t.name: t for t in self.reader.tensors}
+            self.metadata, self.tensors = self._parse(memoryview(self._map))
+        except ValueError as e:
+            raise ValueError(f"{self.path} is a corrupt or truncated GGUF file ({e})") from e
         self.converted_types: set[str] = set()  # quantized types `native` turned into int8
-        self.metadata: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            self.metadata[key] = field.contents()
+
+    def _parse(self, buffer: memoryview) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+        cursor = _Cursor(buffer)
+        cursor.take(4, "magic")
+        version = cursor.number("<u4", "version")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (supported: 2, 3; a big-endian file reads as a huge number)")
+        tensor_count, kv_count = cursor.number("<u8", "tensor count"), cursor.number("<u8", "metadata count")
+        if kv_count > len(buffer) // 12 or tensor_count > len(buffer) // 28:  # each takes at least that many bytes
+            raise ValueError(f"{kv_count} metadata entries and {tensor_count} tensors do not fit in the file")
+        metadata: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key = cursor.string("a metadata key")
+            metadata[key] = cursor.value(cursor.number("<u4", f"type of {key}"), key)
+        infos = []
+        for _ in range(tensor_count):
+            name = cursor.string("a tensor name")
+            n_dims = cursor.number("<u4", f"{name} dims")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (1..{_MAX_DIMS})")
+            dims = tuple(cursor.number("<u8", f"{name} shape") for _ in range(n_dims))
+            kind = cursor.number("<u4", f"{name} type")
+            offset = cursor.number("<u8", f"{name} offset")
+            try:
+                qtype = gguf.GGMLQuantizationType(kind)
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r} has unknown type {kind}") from e
+            infos.append((name, dims, qtype, offset))
+        alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment must be a power of two, got {alignment!r}")
+        data_start = -(-cursor.pos // alignment) * alignment
+        tensors = {}
+        for name, dims, qtype, offset in infos:
+            if name in tensors:
+                raise ValueError(f"tensor {name!r} appears twice")
+            tensors[name] = self._tensor(buffer, name, dims, qtype, data_start + offset)
+        return metadata, tensors
+
+    def _tensor(self, buffer: memoryview, name: str, dims: tuple[int, ...], qtype, start: int) -> GGUFTensor:
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        if any(d < 1 for d in dims) or dims[0] % block:
+            raise ValueError(
+                f"tensor {name!r} has shape {list(dims)} (the first dimension must be a multiple of {block})"
+            )
+        elements = math.prod(dims)
+        n_bytes = elements // block * type_size
+        if start + n_bytes > len(buffer):
+            raise ValueError(f"tensor {name!r} ({n_bytes} bytes at {start}) runs past the end of the file")
+        raw = self._map[start : start + n_bytes]
+        numpy_shape = tuple(reversed(dims))
+        plain = _PLAIN_TENSOR_DTYPES.get(qtype.name)
+        if plain is not None:
+            data = raw.view(plain).reshape(numpy_shape)
+        else:
+            data = raw.reshape(*numpy_shape[:-1], dims[0] // block * type_size)
+        return GGUFTensor(name, qtype, dims, data)
 
     @property
     def data_bytes(self) -> int:
         """Bytes of all tensor data as stored."""
-        return sum(int(t.n_bytes) for t in self.reader.tensors)
+        return sum(t.n_bytes for t in self.tensors.values())
 
     @property
     def architecture(self) -> str:
