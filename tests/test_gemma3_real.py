@@ -16,7 +16,6 @@ from jaxdecode.io.sources import embedded_model_path
 PROMPTS = [
     "Photosynthesis converts",
     "The three laws of motion are",
-    "def quicksort(items):\n",
     "La capitale de l'Italie est",
 ]
 NEW_TOKENS = 32

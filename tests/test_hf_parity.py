@@ -106,3 +106,15 @@ def test_bfloat16_close_to_float32(tmp_path):
     assert np.abs(got - ref).max() <= 3e-2 * np.abs(ref).max()
     out = jd.generate(bf16, tokens.tolist(), max_new_tokens=4, stop_ids=())
     assert all(len(t) == 4 for t in out.tokens)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "phi3_longrope"])
+def test_per_layer_and_longrope_configs_survive_a_checkpoint(tmp_path, name):
+    """Tuples in the config (layer_types, longrope factor lists) come back as tuples: equal and hashable."""
+    build(name, tmp_path / "hf")
+    model = jd.load(tmp_path / "hf")
+    jd.save(model, tmp_path / "checkpoint")
+    restored = jd.load(tmp_path / "checkpoint")
+    assert restored.config == model.config and hash(restored.config) == hash(model.config)
+    tokens = _tokens(1, SEQ, seed=5)
+    np.testing.assert_array_equal(np.asarray(jd.forward(restored, tokens)), np.asarray(jd.forward(model, tokens)))
