@@ -265,6 +265,23 @@ def _layer_types(hf: dict[str, Any], default_pattern: int | None) -> tuple[str, 
     return tuple("sliding" if (i + 1) % int(pattern) else "full" for i in range(n))
 
 
+def _decoder_dims(hf: dict[str, Any], *, max_seq_len: int, norm_eps: float, head_dim: int | None = None) -> dict:
+    """The sizes every RMSNorm family's `config.json` spells alike (HF's Llama names), with the family's
+    defaults for the context length and the norm epsilon."""
+    heads = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or head_dim or hf["hidden_size"] // heads,
+        ffn_dim=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", max_seq_len),
+        norm_eps=hf.get("rms_norm_eps", norm_eps),
+    )
+
+
 def _partial_rotary_dim(hf: dict[str, Any], head_dim: int) -> int | None:
     params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
     factor = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
@@ -304,8 +321,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type in ("llama", "mistral", "ministral", "qwen2"):
         theta, scaling = _rope_from_hf(hf)
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         window, layer_types = None, None
         if model_type in ("mistral", "ministral"):
             window = hf.get("sliding_window")
@@ -314,15 +329,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             window = hf.get("sliding_window")
         return ModelConfig(
             family="mistral" if model_type == "ministral" else model_type,
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            ffn_dim=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 4096),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            **_decoder_dims(hf, max_seq_len=4096, norm_eps=1e-6),
             activation=_hf_activation(hf.get("hidden_act", "silu")),
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
             out_bias=bool(hf.get("attention_bias", False)) and model_type == "llama",
@@ -338,15 +345,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         return ModelConfig(
             family="gemma",
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim", 256),
-            ffn_dim=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 8192),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            **_decoder_dims(hf, max_seq_len=8192, norm_eps=1e-6, head_dim=256),
             norm_offset=1.0,
             activation=_hf_activation(act),
             qkv_bias=bool(hf.get("attention_bias", False)),
@@ -370,15 +369,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         return ModelConfig(
             family="gemma2" if gemma2 else "gemma3",
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            ffn_dim=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 8192),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            **_decoder_dims(hf, max_seq_len=8192, norm_eps=1e-6),
             norm_offset=1.0,
             activation=_hf_activation(act),
             qkv_bias=bool(hf.get("attention_bias", False)),
@@ -398,20 +389,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     if model_type == "qwen3":
         theta, scaling = _rope_from_hf(hf)
-        heads = hf["num_attention_heads"]
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
         layer_types = _layer_types(hf, None) if window else None
         return ModelConfig(
             family="qwen3",
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            ffn_dim=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 32768),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            **_decoder_dims(hf, max_seq_len=32768, norm_eps=1e-6),
             activation=_hf_activation(hf.get("hidden_act", "silu")),
             qkv_bias=bool(hf.get("attention_bias", False)),
             out_bias=bool(hf.get("attention_bias", False)),
@@ -424,23 +406,14 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     if model_type == "phi3":
         theta, scaling = _rope_from_hf(hf)
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        dims = _decoder_dims(hf, max_seq_len=4096, norm_eps=1e-5)
         return ModelConfig(
             family="phi3",
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            ffn_dim=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 4096),
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            **dims,
             activation=_hf_activation(hf.get("hidden_act", "silu")),
             rope_theta=theta,
             rope_scaling=scaling,
-            rotary_dim=_partial_rotary_dim(hf, head_dim),
+            rotary_dim=_partial_rotary_dim(hf, dims["head_dim"]),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             sliding_window=hf.get("sliding_window"),
         )

@@ -19,88 +19,40 @@ import numpy as np
 import torch
 import transformers as tf
 
-VOCAB = 96
+import hf_models
+
+VOCAB = hf_models.VOCAB
 
 
 def configs() -> dict[str, tuple[str, tf.PretrainedConfig]]:
-    """name -> (GGUF architecture, HF config), tiny, with sequences of the tests longer than any window."""
+    """name -> (GGUF architecture, HF config), tiny, with sequences of the tests longer than any window.
+    Where a family's tiny HF-parity config suits llama.cpp's assumptions it is reused from hf_models."""
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112)
     # Gemma as llama.cpp assumes it: query_pre_attn_scalar = head_dim, every 2nd (Gemma 2) or 6th (Gemma 3)
     # layer global, Gemma 3's local base 10k.
-    phi3 = dict(
-        common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2
-    )
     gemma = dict(common, num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256)
+    parity = hf_models.configs()
     return {
         "llama": ("llama", tf.LlamaConfig(**common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
-        "llama31": (
-            "llama",
-            tf.LlamaConfig(
-                **common,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                tie_word_embeddings=True,
-                rope_parameters={
-                    "rope_type": "llama3",
-                    "rope_theta": 500000.0,
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 32,
-                },
-            ),
-        ),
-        "qwen2": ("qwen2", tf.Qwen2Config(**common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
+        "llama31": ("llama", parity["llama"]),  # Llama 3.1 scaling: llama.cpp writes it as `rope_freqs`
+        "qwen2": ("qwen2", parity["qwen2"]),
         "qwen3": (
             "qwen3",
             # head_dim 128 (!= 64 / 4), as every Qwen3: HF's GGUF reader assumes it rather than reading key_length.
             tf.Qwen3Config(**common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=128),
         ),
-        "gemma": (
-            "gemma",
-            tf.GemmaConfig(**common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=24),
-        ),
+        "gemma": ("gemma", parity["gemma"]),
         "gemma2": ("gemma2", tf.Gemma2Config(**gemma, num_hidden_layers=4, sliding_window=7)),
         "gemma3": ("gemma3", tf.Gemma3TextConfig(**gemma, num_hidden_layers=6, sliding_window=5)),
-        "phi3": (
-            "phi3",
-            tf.Phi3Config(
-                **common,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                pad_token_id=0,
-                eos_token_id=2,
-            ),
-        ),
-        "phi3_longrope": (
-            "phi3",
-            tf.Phi3Config(
-                **phi3,
-                max_position_embeddings=64,
-                original_max_position_embeddings=16,
-                rope_parameters={
-                    "rope_type": "longrope",
-                    "rope_theta": 10000.0,
-                    "partial_rotary_factor": 0.5,
-                    "short_factor": [1.0, 1.3, 1.9, 2.4],
-                    "long_factor": [1.1, 2.5, 4.0, 7.5],
-                },
-            ),
-        ),
+        "phi3": ("phi3", parity["phi3"]),
+        "phi3_longrope": ("phi3", parity["phi3_longrope"]),
     }
 
 
 def build(name: str, seed: int = 0) -> tuple[str, torch.nn.Module]:
     """The tiny HF model `name` (eval, float32) with every weight perturbed; returns (architecture, model)."""
     arch, config = configs()[name]
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return arch, model
+    return arch, hf_models.perturbed(config, seed)
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:

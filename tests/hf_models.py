@@ -163,15 +163,24 @@ def _configs() -> dict[str, tf.PretrainedConfig]:
 FAMILY_CASES = tuple(_configs())
 
 
-def build(name: str, directory: Path, seed: int = 0) -> torch.nn.Module:
-    """Create the tiny HF model `name`, perturb every weight, save it to `directory`; return it (eval, float32)."""
+def perturbed(config: tf.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    """The HF model for `config` (eval, float32, eager attention) with noise added to every weight."""
     torch.manual_seed(seed)
-    config = _configs()[name]
     config._attn_implementation = "eager"
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def configs() -> dict[str, tf.PretrainedConfig]:
+    return _configs()
+
+
+def build(name: str, directory: Path, seed: int = 0) -> torch.nn.Module:
+    """Create the tiny HF model `name`, perturb every weight, save it to `directory`; return it (eval, float32)."""
+    model = perturbed(_configs()[name], seed)
     model.save_pretrained(directory)
     return model
 
