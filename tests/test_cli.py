@@ -58,6 +58,7 @@ def test_chat_reads_turns_from_stdin(tmp_path):
     assert "Paris" in result.stdout
 
 
+@pytest.mark.slow  # every engine in its own process (~2 minutes)
 def test_bench_runs_jaxdecode_and_reports_every_peer(tmp_path):
     """A tiny decode suite: jaxdecode measured, each peer measured or skipped with a reason (never a failure),
     JSON rows in the documented schema, and a plot."""

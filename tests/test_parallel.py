@@ -158,6 +158,7 @@ def test_sharding_twice_is_refused(tiny):
 # The real model and several processes.
 
 
+@pytest.mark.slow  # SmolLM2 on three meshes (~1.5 minutes); the tiny families cover each mesh in the default run
 def test_smollm2_on_meshes():
     """9 query heads, 3 KV heads: tensor parallel over 3 shards (one KV head each), and data parallel."""
     model = jd.load("smollm2-135m")

@@ -114,6 +114,7 @@ def test_greedy_generation_matches_hf(model, hf):
     assert out.text[0].startswith(" Paris.\n\nThe answer is: 2018-01-22")
 
 
+@pytest.mark.slow  # interpret mode on the real model; the family parity tests run the kernels in the default run
 def test_pallas_kernels_in_interpret_mode_match_xla(model):
     """The real model through the Pallas kernels (interpret mode): same greedy tokens as XLA, a few steps."""
     kernels = dataclasses.replace(model, attention="interpret")
