@@ -140,14 +140,18 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
+    """Unscaled RoPE inverse frequencies `[dim // 2]` float32, computed as HF computes them."""
+    return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+
+
 def rope_inv_freq(config: ModelConfig, layer: int = 0) -> np.ndarray:
     """Inverse frequencies `[rotary_dim // 2]` float32 of `layer`, with its scaling applied (as HF computes
     them). Sliding layers of a config with `rope_local_theta` use that base, unscaled (Gemma 3).
     For "longrope" this is the short-factor set; `rope_long_inv_freq` gives the long one."""
     dim = config.rotary_dim or config.head_dim
     local = config.rope_local_theta is not None and config.is_sliding(layer)
-    theta = config.rope_local_theta if local else config.rope_theta
-    inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    inv_freq = _base_inv_freq(config.rope_local_theta if local else config.rope_theta, dim)
     scaling = None if local else config.rope_scaling
     if scaling is None:
         return inv_freq
@@ -169,9 +173,8 @@ def rope_inv_freq(config: ModelConfig, layer: int = 0) -> np.ndarray:
 
 def rope_long_inv_freq(config: ModelConfig) -> np.ndarray:
     """The long-factor inverse frequencies of a "longrope" config `[rotary_dim // 2]` float32."""
-    dim = config.rotary_dim or config.head_dim
-    base = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    return (base.astype(np.float32) / np.asarray(config.rope_scaling.long_factor, np.float32)).astype(np.float32)
+    base = _base_inv_freq(config.rope_theta, config.rotary_dim or config.head_dim)
+    return (base / np.asarray(config.rope_scaling.long_factor, np.float32)).astype(np.float32)
 
 
 def alibi_slopes(config: ModelConfig) -> np.ndarray:
@@ -219,11 +222,6 @@ def _rope_from_hf(hf: dict[str, Any], layer_type: str = "full_attention") -> tup
         return theta, None
     if kind == "linear":
         return theta, RopeScaling("linear", float(spec["factor"]))
-    original = int(
-        hf.get("original_max_position_embeddings")
-        or spec.get("original_max_position_embeddings")
-        or hf.get("max_position_embeddings", 8192)
-    )
     if kind == "llama3":
         return theta, RopeScaling(
             "llama3",
@@ -233,6 +231,11 @@ def _rope_from_hf(hf: dict[str, Any], layer_type: str = "full_attention") -> tup
             int(spec.get("original_max_position_embeddings", 8192)),
         )
     if kind in ("longrope", "su"):
+        original = int(
+            hf.get("original_max_position_embeddings")
+            or spec.get("original_max_position_embeddings")
+            or hf.get("max_position_embeddings", 8192)
+        )
         # As HF's `_compute_longrope_parameters`: the default attention factor comes from the context
         # extension ratio max_position_embeddings / original_max_position_embeddings.
         factor = spec.get("factor") or hf.get("max_position_embeddings", original) / original

@@ -117,11 +117,12 @@ def apply_rope(
     scaling = config.rope_scaling
     longrope = scaling is not None and scaling.kind == "longrope" and not config.is_sliding(layer)
     if longrope:
-        if cache_capacity is not None:
-            use_long = jnp.full((x.shape[0], 1, 1), cache_capacity > scaling.original_max_position)
+        long_inv_freq = jnp.asarray(rope_long_inv_freq(config))
+        if cache_capacity is not None:  # static: the cache's size decides
+            inv_freq = long_inv_freq if cache_capacity > scaling.original_max_position else inv_freq
         else:
             use_long = (jnp.max(positions, axis=1) + 1 > scaling.original_max_position)[:, None, None]
-        inv_freq = jnp.where(use_long, jnp.asarray(rope_long_inv_freq(config)), inv_freq)  # [B, 1, R/2]
+            inv_freq = jnp.where(use_long, long_inv_freq, inv_freq)  # [B, 1, R/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)

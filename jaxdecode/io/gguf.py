@@ -32,8 +32,19 @@ _GEMMAS = ("gemma", "gemma2", "gemma3")
 GGUF_MAGIC = b"GGUF"
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 # GGUF metadata value types -> numpy dtypes (little-endian); 7 is bool, 8 string, 9 array.
-_VALUE_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8"}
-_VALUE_DTYPES[12] = "<f8"
+_VALUE_DTYPES = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
 # Tensor types stored as plain numbers (read as such); every other type is read as raw bytes per row.
 _PLAIN_TENSOR_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}

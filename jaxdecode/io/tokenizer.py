@@ -114,7 +114,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
             special[name] = tokens[key]
     return Tokenizer(
         backend=backend,
-        stop_ids=_stop_ids({t: i for i, t in enumerate(tokens)}, [] if eos is None else [eos]),
+        stop_ids=_stop_ids(vocab, [] if eos is None else [eos]),
         chat_template=metadata.get("tokenizer.chat_template"),
         special_tokens=special,
     )
