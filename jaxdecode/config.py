@@ -49,6 +49,80 @@ class RopeScaling:
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "llama3", "longrope"):
+            raise ValueError(f"rope_scaling kind must be linear, llama3 or longrope, got {self.kind!r}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor"):
+            _check_number(f"rope_scaling.{name}", getattr(self, name))
+        if self.kind == "llama3" and self.low_freq_factor >= self.high_freq_factor:
+            raise ValueError(
+                f"rope_scaling.low_freq_factor ({self.low_freq_factor}) must be below high_freq_factor "
+                f"({self.high_freq_factor})"
+            )
+        _check_count("rope_scaling.original_max_position", self.original_max_position, MAX_CONTEXT)
+        for name in ("short_factor", "long_factor"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple):
+                raise ValueError(f"rope_scaling.{name} must be a list of numbers, got {values!r}")
+            for value in values:
+                _check_number(f"rope_scaling.{name}", value)
+        if self.kind == "longrope" and not (self.short_factor and len(self.short_factor) == len(self.long_factor)):
+            raise ValueError(
+                "a longrope rope_scaling needs short_factor and long_factor lists of the same length, got "
+                f"{len(self.short_factor)} and {len(self.long_factor)}"
+            )
+
+
+# Upper bounds that no model reaches (the largest have 262k tokens, 16k wide layers, a few hundred layers
+# and 10M tokens of context): a file claiming more is damaged, and is refused before anything is sized by it.
+MAX_VOCAB = 1 << 24
+MAX_WIDTH = 1 << 20
+MAX_LAYERS = 4096
+MAX_CONTEXT = 1 << 28
+_LIMITS = {
+    "vocab_size": MAX_VOCAB,
+    "d_model": MAX_WIDTH,
+    "num_layers": MAX_LAYERS,
+    "num_heads": MAX_WIDTH,
+    "num_kv_heads": MAX_WIDTH,
+    "head_dim": MAX_WIDTH,
+    "ffn_dim": MAX_WIDTH,
+    "max_seq_len": MAX_CONTEXT,
+}
+_BOOLS = (
+    "norm_bias",
+    "qkv_bias",
+    "out_bias",
+    "mlp_bias",
+    "parallel_block",
+    "parallel_mlp_norm",
+    "embed_scale",
+    "embed_norm",
+    "tie_embeddings",
+    "qk_norm",
+    "sandwich_norm",
+)
+_CHOICES = {
+    "norm": ("rms", "layer"),
+    "mlp": ("gated", "plain"),
+    "activation": ("silu", "gelu", "gelu_tanh"),
+    "position": ("rope", "alibi", "learned"),
+    "alibi_scheme": ("bloom", "mpt"),
+}
+
+
+def _check_count(name: str, value: Any, limit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ValueError(f"{name} must be an integer in 1..{limit}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, optional: bool = False) -> None:
+    """A finite number > 0 (or None where `optional`)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -106,21 +180,52 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unsupported model family {self.family!r}; supported: {', '.join(FAMILIES)}")
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, limit in _LIMITS.items():
+            _check_count(name, getattr(self, name), limit)
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("norm_eps", "rope_theta", "alibi_bias_max"):
+            _check_number(name, getattr(self, name))
+        for name in ("rope_local_theta", "attn_scale", "qkv_clip", "attn_softcap", "final_softcap"):
+            _check_number(name, getattr(self, name), optional=True)
+        if isinstance(self.norm_offset, bool) or self.norm_offset not in (0, 1):
+            raise ValueError(f"norm_offset must be 0 or 1, got {self.norm_offset!r}")
+        if self.sliding_window is not None:
+            _check_count("sliding_window", self.sliding_window, MAX_CONTEXT)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.layer_types is not None:
-            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"sliding", "full"}:
+            kinds = ("sliding", "full")
+            if (
+                not isinstance(self.layer_types, tuple)
+                or len(self.layer_types) != self.num_layers
+                or any(t not in kinds for t in self.layer_types)
+            ):
                 raise ValueError(
                     f"layer_types must name 'sliding' or 'full' for each of the {self.num_layers} layers, "
                     f"got {self.layer_types!r}"
                 )
             if "sliding" in self.layer_types and not self.sliding_window:
                 raise ValueError("layer_types has sliding layers but sliding_window is not set")
-        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
-            raise ValueError(f"rotary_dim must be even and in 1..head_dim ({self.head_dim}), got {self.rotary_dim}")
+        if self.rotary_dim is not None and not (
+            isinstance(self.rotary_dim, int) and 0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0
+        ):
+            raise ValueError(f"rotary_dim must be even and in 1..head_dim ({self.head_dim}), got {self.rotary_dim!r}")
+        if self.position == "rope" and (self.rotary_dim or self.head_dim) % 2:
+            raise ValueError(f"RoPE rotates pairs: head_dim must be even, got {self.rotary_dim or self.head_dim}")
+        if self.rope_scaling is not None and self.rope_scaling.kind == "longrope":
+            pairs = (self.rotary_dim or self.head_dim) // 2
+            if len(self.rope_scaling.short_factor) != pairs:
+                raise ValueError(
+                    f"longrope factor lists need one factor per rotated pair ({pairs}), "
+                    f"got {len(self.rope_scaling.short_factor)}"
+                )
 
     @property
     def scale(self) -> float:
@@ -319,8 +424,108 @@ def _layernorm_settings(hf: dict[str, Any], *, norm_bias: bool, linear_bias: boo
     )
 
 
+# The types of the config.json fields that `config_from_hf` reads (checked before any is used, so that a
+# damaged file gives a message naming the field, not a TypeError from the arithmetic on it).
+_HF_INTS = (
+    "vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size max_position_embeddings "
+    "n_embed n_embd n_head n_layer n_heads n_layers d_model n_positions seq_length original_max_position_embeddings "
+    "sliding_window_pattern num_ln_in_parallel_attn"
+).split()
+_HF_OPTIONAL_INTS = "num_key_value_heads head_dim n_inner ffn_hidden_size sliding_window num_kv_heads".split()
+_HF_NUMBERS = "rms_norm_eps layer_norm_epsilon rope_theta rope_local_base_freq query_pre_attn_scalar".split()
+_HF_OPTIONAL_NUMBERS = "attn_logit_softcapping final_logit_softcapping partial_rotary_factor".split()
+_HF_BOOLS = (
+    "tie_word_embeddings attention_bias mlp_bias use_sliding_window new_decoder_architecture parallel_attn "
+    "multi_query alibi bias use_bidirectional_attention scale_attn_weights no_bias "
+    "apply_residual_connection_post_layernorm"
+).split()
+_HF_STRINGS = "model_type hidden_act hidden_activation activation activation_function".split()
+_HF_OBJECTS = "rope_scaling rope_parameters attn_config text_config".split()
+_ROPE_INTS = ("original_max_position_embeddings",)
+_ROPE_NUMBERS = "factor low_freq_factor high_freq_factor rope_theta attention_factor partial_rotary_factor".split()
+_ROPE_LISTS = ("short_factor", "long_factor")
+_MPT_BOOLS = ("alibi", "qk_ln")
+_MPT_NUMBERS = ("alibi_bias_max", "softmax_scale", "clip_qkv")
+
+
+def _check_hf_fields(hf: dict[str, Any], prefix: str = "") -> None:
+    """Raise ValueError naming the first field of `hf` whose type is wrong (see the tables above)."""
+
+    def fail(key: str, expected: str) -> None:
+        raise ValueError(f"field {prefix}{key} must be {expected}, got {hf[key]!r}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_CONTEXT
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    for key in hf:
+        value = hf[key]
+        if key in _HF_INTS and not is_int(value):
+            fail(key, f"an integer in 1..{MAX_CONTEXT}")
+        elif key in _HF_OPTIONAL_INTS and value is not None and not is_int(value):
+            fail(key, f"an integer in 1..{MAX_CONTEXT} or null")
+        elif key in _HF_NUMBERS and not is_number(value):
+            fail(key, "a finite number > 0")
+        elif key in _HF_OPTIONAL_NUMBERS and value is not None and not is_number(value):
+            fail(key, "a finite number > 0 or null")
+        elif key in _HF_BOOLS and value is not None and not isinstance(value, bool):
+            fail(key, "true, false or null")
+        elif key in _HF_STRINGS and value is not None and not isinstance(value, str):
+            fail(key, "a string")
+        elif key in _HF_OBJECTS and value is not None and not isinstance(value, dict):
+            fail(key, "an object or null")
+        elif (
+            key == "layer_types"
+            and value is not None
+            and not (isinstance(value, list) and all(isinstance(t, str) for t in value))
+        ):
+            fail(key, "a list of strings")
+        elif key == "eos_token_id" and not (
+            value is None
+            or (isinstance(value, int) and not isinstance(value, bool))
+            or (isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+        ):
+            fail(key, "an integer, a list of integers or null")
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf.get(key) or {}
+        specs = [(f"{prefix}{key}.", params)]  # Gemma 3 nests one spec per layer type
+        for layer_type in _LAYER_TYPES:
+            if params.get(layer_type) is not None and not isinstance(params[layer_type], dict):
+                raise ValueError(f"field {prefix}{key}.{layer_type} must be an object")
+            specs.append((f"{prefix}{key}.{layer_type}.", params.get(layer_type) or {}))
+        for inner, spec in specs:
+            for name, value in spec.items():
+                if name in _ROPE_INTS and not is_int(value):
+                    raise ValueError(f"field {inner}{name} must be a positive integer, got {value!r}")
+                if name in _ROPE_NUMBERS and value is not None and not is_number(value):
+                    raise ValueError(f"field {inner}{name} must be a finite number > 0, got {value!r}")
+                if name in _ROPE_LISTS and not (isinstance(value, list) and all(map(is_number, value))):
+                    raise ValueError(f"field {inner}{name} must be a list of numbers > 0, got {value!r}")
+                if name in ("rope_type", "type") and not isinstance(value, str):
+                    raise ValueError(f"field {inner}{name} must be a string, got {value!r}")
+    attn = hf.get("attn_config") or {}
+    for name, value in attn.items():
+        if name in _MPT_BOOLS and not isinstance(value, bool):
+            raise ValueError(f"field attn_config.{name} must be true or false, got {value!r}")
+        if name in _MPT_NUMBERS and value is not None and not is_number(value):
+            raise ValueError(f"field attn_config.{name} must be a finite number > 0, got {value!r}")
+    if isinstance(hf.get("text_config"), dict):
+        _check_hf_fields(hf["text_config"], "text_config.")
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Map a Hugging Face `config.json` (as a dict) to a `ModelConfig`."""
+    """Map a Hugging Face `config.json` (as a dict) to a `ModelConfig`. Raises ValueError naming the field
+    for a missing or ill-typed field and for settings no model can have."""
+    _check_hf_fields(hf)
+    try:
+        return _config_from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"lacks the field {e.args[0]!r} (a {hf.get('model_type')} config needs it)") from e
+
+
+def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type in ("llama", "mistral", "ministral", "qwen2"):
         theta, scaling = _rope_from_hf(hf)
@@ -360,7 +565,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     if model_type in ("gemma2", "gemma3_text", "gemma3"):
         if model_type == "gemma3" and "text_config" in hf:  # the multimodal wrapper: its text model
-            return config_from_hf({**hf["text_config"], "model_type": "gemma3_text"})
+            return _config_from_hf({**hf["text_config"], "model_type": "gemma3_text"})
         if hf.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention=True is an encoder (e.g. EmbeddingGemma), not a decoder")
         gemma2 = model_type == "gemma2"
