@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ import tokenizers
 
 from .config import ModelConfig, RopeScaling
 from .io.tokenizer import Tokenizer
-from .quantize import QuantizedWeight, is_quantized
+from .io.validate import ModelFileError, check_params, inside, read_json, read_text
+from .quantize import GGUF_KINDS, QuantizedWeight, is_quantized
 
 FORMAT = "jaxdecode-checkpoint/1"
 LATEST = "LATEST"
@@ -41,8 +43,13 @@ PARAMS = "params"
 QUANT_PARTS = ("values", "scales", "offsets")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelFileError):
     """A checkpoint that is missing, incomplete or corrupted (the message says which and what to do)."""
+
+
+_AGAIN = "save or convert it again"
+_VERSION_NAME = re.compile(r"v-[\w.-]{1,200}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -71,10 +78,16 @@ def _split_quantized(params: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
     return jax.tree_util.tree_map_with_path(plain, params, is_leaf=is_quantized), quantized
 
 
-def _join_quantized(tree: Any, quantized: dict[str, dict[str, Any]]) -> Any:
+def _join_quantized(tree: Any, quantized: dict[str, dict[str, Any]], source: Path = Path(PARAMS)) -> Any:
+    """The saved tree with each quantized weight's arrays (a dict of `QUANT_PARTS`) made a QuantizedWeight."""
+    found: set[str] = set()
+
     def walk(node: Any, prefix: str) -> Any:
         if prefix in quantized:
             info = quantized[prefix]
+            found.add(prefix)
+            if not isinstance(node, dict) or not {"values", "scales"} <= set(node) or set(node) - set(QUANT_PARTS):
+                raise CheckpointError(source, f"must hold the arrays {', '.join(QUANT_PARTS)}", prefix)
             return QuantizedWeight(
                 node["values"], node["scales"], node.get("offsets"), info["kind"], tuple(info["shape"]), info["dtype"]
             )
@@ -82,7 +95,12 @@ def _join_quantized(tree: Any, quantized: dict[str, dict[str, Any]]) -> Any:
             return {k: walk(v, f"{prefix}/{k}" if prefix else k) for k, v in node.items()}
         return node
 
-    return walk(tree, "")
+    joined = walk(tree, "")
+    if set(quantized) - found:
+        raise CheckpointError(
+            source, "is missing (jaxdecode.json lists it as quantized)", sorted(set(quantized) - found)[0]
+        )
+    return joined
 
 
 def _config_to_json(config: ModelConfig) -> dict[str, Any]:
@@ -94,9 +112,31 @@ def _tuples(data: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
-def _config_from_json(data: dict[str, Any]) -> ModelConfig:
-    scaling = data.get("rope_scaling")
-    return ModelConfig(**{**_tuples(data), "rope_scaling": RopeScaling(**_tuples(scaling)) if scaling else None})
+def _fields_of(kind: type, data: Any, source: Path, field: str) -> dict[str, Any]:
+    """`data` as keyword arguments of dataclass `kind`: an object with exactly its fields (the optional
+    ones may be left out)."""
+    if not isinstance(data, dict):
+        raise CheckpointError(source, f"must be an object, found {type(data).__name__}", field)
+    names = {f.name for f in dataclasses.fields(kind)}
+    required = {f.name for f in dataclasses.fields(kind) if f.default is dataclasses.MISSING}
+    unknown, missing = sorted(set(data) - names), sorted(required - set(data))
+    if unknown or missing:
+        what = f"has the unknown field {unknown[0]!r}" if unknown else f"lacks the field {missing[0]!r}"
+        raise CheckpointError(source, f"{what}; {_AGAIN}", field)
+    return _tuples(data)
+
+
+def _config_from_json(data: Any, source: Path = Path("jaxdecode.json")) -> ModelConfig:
+    fields = _fields_of(ModelConfig, data, source, "config")
+    scaling = fields.get("rope_scaling")
+    try:
+        if scaling is not None:
+            fields["rope_scaling"] = RopeScaling(**_fields_of(RopeScaling, scaling, source, "config.rope_scaling"))
+        return ModelConfig(**fields)
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(source, str(e), "config") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,11 +156,12 @@ def _file_digests(root: Path) -> dict[str, dict[str, Any]]:
 
 def check_destination(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"cannot save to {directory}: it is a file; choose a directory")
+        raise CheckpointError(directory, "cannot be saved to: it is a file; choose a directory")
     if directory.is_dir() and any(directory.iterdir()) and not is_checkpoint(directory):
         raise CheckpointError(
-            f"cannot save to {directory}: it is a non-empty directory that is not a jaxdecode checkpoint "
-            "(nothing was changed); choose a new or empty directory"
+            directory,
+            "cannot be saved to: it is a non-empty directory that is not a jaxdecode checkpoint "
+            "(nothing was changed); choose a new or empty directory",
         )
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -128,7 +169,7 @@ def check_destination(directory: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(f"cannot write to {directory}: {e.strerror or e}") from e
+        raise CheckpointError(directory, f"cannot be written to: {e.strerror or e}") from e
 
 
 def save(config: ModelConfig, params: Any, tokenizer: Tokenizer | None, directory: str | os.PathLike[str]) -> Path:
@@ -183,8 +224,14 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _latest_name(directory: Path) -> str | None:
+    """The version LATEST names: one `v-*` directory name (never a path leading elsewhere)."""
     pointer = directory / LATEST
-    return pointer.read_text().strip() if pointer.exists() else None
+    if not pointer.exists():
+        return None
+    name = read_text(pointer, max_bytes=4096).strip()
+    if not _VERSION_NAME.fullmatch(name):
+        raise CheckpointError(pointer, f"names {name[:80]!r}, not a version of this checkpoint (v-...); {_AGAIN}")
+    return name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,24 +242,50 @@ def _version(directory: Path) -> Path:
     name = _latest_name(directory)
     if name is None:
         raise CheckpointError(
-            f"{directory} holds no complete checkpoint ({LATEST} is missing: a save may have been interrupted); "
-            "save or convert it again"
+            directory,
+            f"holds no complete checkpoint ({LATEST} is missing: a save may have been interrupted); {_AGAIN}",
         )
-    return directory / name
+    version = directory / name
+    if not version.is_dir():
+        raise CheckpointError(directory / LATEST, f"names {name}, which is not in {directory}; {_AGAIN}")
+    return version
+
+
+def _manifest(version: Path) -> dict[str, dict[str, Any]]:
+    """MANIFEST.json: relative file name -> {"size": bytes, "sha256": hex digest}, every entry checked."""
+    path = version / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(version, f"is incomplete (no {MANIFEST}); {_AGAIN}")
+    manifest = read_json(path)
+    for name, entry in manifest.items():
+        inside(version, name, path, name)
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and not isinstance(entry.get("size"), bool)
+            and entry["size"] >= 0
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256.fullmatch(entry["sha256"])
+        ):
+            raise CheckpointError(path, f'must be {{"size": bytes, "sha256": hex digest}}, found {entry!r}', name)
+    return manifest
 
 
 def _verified_version(directory: Path) -> Path:
+    """The LATEST version, once every file in it matches the manifest and the manifest covers every file
+    in it (so no file that loading reads can be edited, added or removed unnoticed)."""
     version = _version(directory)
-    name = version.name
-    manifest_path = version / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{directory}: version {name} is incomplete (no {MANIFEST}); save or convert it again")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{directory}: {MANIFEST} is corrupted ({e}); save or convert it again") from e
+    manifest = _manifest(version)
     actual = _file_digests(version)
     actual.pop(MANIFEST, None)
+    for required in ("jaxdecode.json", f"{PARAMS}/"):
+        if not any(name == required or name.startswith(required) for name in manifest):
+            raise CheckpointError(version / MANIFEST, f"does not cover {required}; {_AGAIN}")
+    uncovered = sorted(set(actual) - set(manifest))
+    if uncovered:
+        raise CheckpointError(
+            version / uncovered[0], f"is not in {MANIFEST} (added after the save?); remove it, or {_AGAIN}"
+        )
     for rel, expected in manifest.items():
         found = actual.get(rel)
         if found is None:
@@ -223,23 +296,60 @@ def _verified_version(directory: Path) -> Path:
             problem = "does not match its checksum"
         else:
             continue
-        raise CheckpointError(f"checkpoint {directory} is corrupted: {rel} {problem}; save or convert it again")
+        raise CheckpointError(version / rel, f"{problem}; the checkpoint is corrupted, {_AGAIN}")
     return version
 
 
 def _metadata(version: Path) -> dict[str, Any]:
-    meta = json.loads((version / "jaxdecode.json").read_text())
+    """jaxdecode.json, with every field checked (the config by `ModelConfig` itself)."""
+    path = version / "jaxdecode.json"
+    if not path.is_file():
+        raise CheckpointError(version, f"is incomplete (no jaxdecode.json); {_AGAIN}")
+    meta = read_json(path)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{version}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        raise CheckpointError(path, f"unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})", "format")
+    meta["config"] = _config_from_json(meta.get("config"), path)
+    quantized = meta.get("quantized", {})
+    if not isinstance(quantized, dict):
+        raise CheckpointError(path, "must be an object of parameter path -> quantization", "quantized")
+    kinds = ("int8", "int4", *GGUF_KINDS.values())
+    for name, info in quantized.items():
+        if not (
+            isinstance(info, dict)
+            and info.get("kind") in kinds
+            and info.get("dtype") in ("float32", "bfloat16")
+            and isinstance(info.get("shape"), list)
+            and len(info["shape"]) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in info["shape"])
+        ):
+            raise CheckpointError(
+                path, f"must be {{kind, shape [out, in], dtype}}, found {info!r}", f"quantized.{name}"
+            )
+    meta["quantized"] = quantized
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None:
+        vocab = meta["config"].vocab_size
+        stop_ids = tokenizer.get("stop_ids") if isinstance(tokenizer, dict) else None
+        special = tokenizer.get("special_tokens", {}) if isinstance(tokenizer, dict) else None
+        template = tokenizer.get("chat_template") if isinstance(tokenizer, dict) else None
+        if not (
+            isinstance(stop_ids, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in stop_ids)
+            and isinstance(special, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in special.items())
+            and (template is None or isinstance(template, str))
+        ):
+            raise CheckpointError(
+                path,
+                "must hold stop_ids (token ids), special_tokens (name -> text) and a chat_template string",
+                "tokenizer",
+            )
     return meta
 
 
 def saved_config(directory: str | os.PathLike[str]) -> ModelConfig:
     """The config of the checkpoint in `directory` (read without checking the files; `load` checks them)."""
-    version = _version(Path(directory))
-    if not (version / "jaxdecode.json").is_file():
-        raise CheckpointError(f"{directory}: version {version.name} is incomplete; save or convert it again")
-    return _config_from_json(_metadata(version)["config"])
+    return _metadata(_version(Path(directory)))["config"]
 
 
 def load(directory: str | os.PathLike[str], shardings: Any = None) -> tuple[ModelConfig, Any, Tokenizer | None]:
@@ -247,15 +357,36 @@ def load(directory: str | os.PathLike[str], shardings: Any = None) -> tuple[Mode
 
     `shardings`: None (params come back as host NumPy arrays), or a function from the abstract params
     (quantized weights as dicts of their arrays) to a tree of `jax.sharding.Sharding`: Orbax then reads
-    each device's shard straight onto it."""
+    each device's shard straight onto it. Every file is checked against the manifest, and every tensor's
+    shape against the config, before any array is read."""
     directory = Path(directory)
     version = _verified_version(directory)
     meta = _metadata(version)
-    config = _config_from_json(meta["config"])
-    quantized = meta["quantized"]
+    config, quantized = meta["config"], meta["quantized"]
+    tokenizer = None
+    if "tokenizer" in meta:
+        t = meta["tokenizer"]
+        text = read_text(version / "tokenizer.json", max_bytes=1 << 30)
+        try:
+            backend = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises plain Exception for what it cannot read
+            raise CheckpointError(version / "tokenizer.json", f"cannot be read by `tokenizers` ({e}); {_AGAIN}") from e
+        tokenizer = Tokenizer(
+            backend=backend,
+            stop_ids=tuple(t["stop_ids"]),
+            chat_template=t.get("chat_template"),
+            special_tokens=t.get("special_tokens", {}),
+            source=str(version / "jaxdecode.json"),
+        )
+    params_dir = version / PARAMS
     with ocp.StandardCheckpointer() as checkpointer:
-        abstract = checkpointer.metadata(version / PARAMS).item_metadata
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(abstract))
+        try:
+            abstract = checkpointer.metadata(params_dir).item_metadata
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(abstract))
+        except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many types on damaged metadata
+            raise CheckpointError(params_dir, f"cannot be read by Orbax ({type(e).__name__}: {e}); {_AGAIN}") from e
+        # Saved as the model holds them: float Linear weights [in, out], quantized ones [out, in].
+        check_params(config, _join_quantized(abstract, quantized, params_dir), params_dir, in_out=True)
         if shardings is None:
             cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
             target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
@@ -263,16 +394,10 @@ def load(directory: str | os.PathLike[str], shardings: Any = None) -> tuple[Mode
             target = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings(abstract)
             )
-        tree = checkpointer.restore(version / PARAMS, target)
+        try:
+            tree = checkpointer.restore(params_dir, target)
+        except Exception as e:  # noqa: BLE001 - as above, for the array files
+            raise CheckpointError(params_dir, f"cannot be read by Orbax ({type(e).__name__}: {e}); {_AGAIN}") from e
     if shardings is None:
         tree = jax.tree.map(np.asarray, tree)
-    tokenizer = None
-    if "tokenizer" in meta:
-        t = meta["tokenizer"]
-        tokenizer = Tokenizer(
-            backend=tokenizers.Tokenizer.from_str((version / "tokenizer.json").read_text()),
-            stop_ids=tuple(t["stop_ids"]),
-            chat_template=t["chat_template"],
-            special_tokens=t["special_tokens"],
-        )
-    return config, _join_quantized(tree, quantized), tokenizer
+    return config, _join_quantized(tree, quantized, params_dir), tokenizer

@@ -6,7 +6,6 @@ MPT, GPT-BigCode) are split into q, k and v here, in the family's own fused orde
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -14,10 +13,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..config import ModelConfig, config_from_hf
 from .tokenizer import Tokenizer, tokenizer_from_hf_dir
+from .validate import ModelFileError, check_params, inside, read_json
 
 # (regex on the HF name with its "model."/"transformer." prefix removed, our path template).
 _LLAMA_NAMES = [
@@ -136,13 +136,27 @@ def split_qkv(fused: np.ndarray, config: ModelConfig, layout: str) -> tuple[np.n
 
 
 def _tensor_files(directory: Path) -> list[Path]:
+    """The safetensors files to read: those the index names (each checked to stay inside `directory`),
+    else every `*.safetensors` file there."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFileError(index, "must be an object of tensor name -> file name", "weight_map")
+        bad = next((name for name in weight_map.values() if not isinstance(name, str)), None)
+        if bad is not None:
+            raise ModelFileError(index, f"must map tensor names to file names, found {bad!r}", "weight_map")
+        names = sorted(set(weight_map.values()))
+        # A hub snapshot's files are links into its repository's blobs/ (huggingface_hub's cache layout).
+        blobs = directory.parent.parent / "blobs" if directory.parent.name == "snapshots" else None
+        files = [inside(directory, name, index, "weight_map", also=blobs) for name in names]
+        for file in files:
+            if not file.is_file():
+                raise ModelFileError(index, f"names {file.name}, which is not in {directory}", "weight_map")
+        return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{directory} has no *.safetensors files")
+        raise ModelFileError(directory, "has no *.safetensors files")
     return files
 
 
@@ -155,55 +169,76 @@ def _set(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
 
 def load_hf(directory: str | os.PathLike[str], dtype: Any) -> tuple[ModelConfig, dict[str, Any], Tokenizer | None]:
     """Read an HF model directory: (config, params cast to `dtype` with Linear weights `[out, in]` as
-    stored, tokenizer or None if it has none)."""
+    stored, tokenizer or None if it has none). Every file is validated as it is read (ModelFileError)."""
     directory = Path(directory)
     config_path = directory / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{directory} has no config.json")
-    hf = json.loads(config_path.read_text())
-    config = config_from_hf(hf)
+    if not config_path.is_file():
+        raise ModelFileError(directory, "has no config.json (an HF model directory needs one)")
+    hf = read_json(config_path)
+    try:
+        config = config_from_hf(hf)
+    except ValueError as e:
+        raise ModelFileError(config_path, str(e)) from e
     names = [(re.compile(pattern), target) for pattern, target in _NAMES[config.family]]
     params: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # our parameter path -> "file: tensor name", for messages
     for file in _tensor_files(directory):
-        with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
-                # Gemma 3's multimodal checkpoints keep the text model under language_model.
-                short = re.sub(r"^(model\.language_model|language_model\.model|model|transformer)\.", "", name)
-                for pattern, target in names:
-                    m = pattern.fullmatch(short)
-                    if m:
-                        # Norm weights are our `scale`, whatever the family calls them.
-                        path = re.sub(r"norm/weight$", "norm/scale", target.format(*m.groups()))
-                        _set(params, path, f.get_tensor(name))
-                        break
-    _finish(params, config, hf)
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                for name in f.keys():
+                    # Gemma 3's multimodal checkpoints keep the text model under language_model.
+                    short = re.sub(r"^(model\.language_model|language_model\.model|model|transformer)\.", "", name)
+                    for pattern, target in names:
+                        m = pattern.fullmatch(short)
+                        if m:
+                            # Norm weights are our `scale`, whatever the family calls them.
+                            path = re.sub(r"norm/weight$", "norm/scale", target.format(*m.groups()))
+                            _set(params, path, f.get_tensor(name))
+                            origin[path] = f"{file.name}: {name}"
+                            break
+        except SafetensorError as e:
+            raise ModelFileError(file, f"is not a valid safetensors file ({e})") from e
+    _finish(params, config, hf, origin, directory)
+    check_params(config, params, directory, origin)
     params = jax.tree.map(lambda a: np.asarray(a, dtype=np.float32).astype(dtype), params)
     tokenizer = None
     if (directory / "tokenizer.json").exists():
         eos = hf.get("eos_token_id")
         eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-        tokenizer = tokenizer_from_hf_dir(directory, eos_ids)
+        tokenizer = tokenizer_from_hf_dir(directory, eos_ids, config.vocab_size)
     return config, params, tokenizer
 
 
-def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any]) -> None:
-    """Split fused QKV projections, check that every expected tensor is there."""
+def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any], origin: dict[str, str], directory) -> None:
+    """Split fused QKV and gate|up projections (their row counts checked first), drop a tied LM head."""
     layout = _qkv_layout(config, hf)
+    h, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    qkv_rows = 3 * h * d if layout == "per_head" else (h + 2 * hkv) * d
     for i in range(config.num_layers):
-        layer = params.get(f"layer_{i}")
-        if layer is None:
-            raise ValueError(f"checkpoint has no weights for layer {i} of {config.num_layers}")
-        attn = layer["attn"]
+        layer = params.get(f"layer_{i}", {})
+        attn = layer.get("attn", {})
         for part, fused in attn.pop("qkv", {}).items():  # part: "weight" or "bias"
+            name = f"layer_{i}/attn/qkv/{part}"
+            if fused.ndim != (2 if part == "weight" else 1) or fused.shape[0] != qkv_rows:
+                raise ModelFileError(
+                    directory,
+                    f"has shape {list(fused.shape)}; the config implies {qkv_rows} fused q/k/v rows",
+                    origin.get(name, name),
+                )
             for proj, value in zip("qkv", split_qkv(fused, config, layout)):
                 attn.setdefault(proj, {})[part] = value
+                origin[f"layer_{i}/attn/{proj}/{part}"] = origin.get(name, name)
         mlp = layer.get("mlp", {})
         if "gate_up" in mlp:  # Phi-3: rows [gate; up]
-            gate, up = np.split(mlp.pop("gate_up")["weight"], 2)
+            fused = mlp.pop("gate_up")["weight"]
+            name = f"layer_{i}/mlp/gate_up/weight"
+            if fused.ndim != 2 or fused.shape[0] != 2 * config.ffn_dim:
+                raise ModelFileError(
+                    directory,
+                    f"has shape {list(fused.shape)}; the config implies {2 * config.ffn_dim} rows",
+                    origin.get(name, name),
+                )
+            gate, up = np.split(fused, 2)
             mlp["gate"], mlp["up"] = {"weight": gate}, {"weight": up}
     if config.tie_embeddings:
         params.pop("lm_head", None)
-    elif "lm_head" not in params:
-        raise ValueError("config says tie_word_embeddings=False but the checkpoint has no lm_head.weight")
-    if "embed" not in params:
-        raise ValueError("checkpoint has no token embedding")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +12,8 @@ import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
+
+from .validate import ModelFileError, read_json, read_text
 
 # Split rules of llama.cpp's pre-tokenizers (`tokenizer.ggml.pre`), applied one after the other.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -40,15 +42,29 @@ _END_OF_TURN = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", 
 
 @dataclass
 class Tokenizer:
-    """Text <-> token ids, the ids that end generation, and the chat template."""
+    """Text <-> token ids, the ids that end generation, and the chat template. `source` names the file it
+    came from: the template and the vocabulary are the model file's, and so are their errors."""
 
     backend: tokenizers.Tokenizer  # its post-processor adds BOS/EOS where the model wants them
     stop_ids: tuple[int, ...]
     chat_template: str | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)
+    source: str = "the model's tokenizer"
+
+    def __post_init__(self) -> None:
+        """Checks what can be checked before use: the template compiles, and text encodes."""
+        if self.chat_template is not None:
+            try:
+                _template_environment().from_string(self.chat_template)
+            except (jinja2.TemplateError, TypeError, RecursionError) as e:
+                raise ModelFileError(self.source, f"does not compile ({type(e).__name__}: {e})", "chat_template") from e
+        self.encode("Hello, world 1.")
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text).ids
+        try:
+            return self.backend.encode(text).ids
+        except Exception as e:  # noqa: BLE001 - a damaged vocabulary fails here, inside `tokenizers`
+            raise ModelFileError(self.source, f"cannot encode text ({e})", "tokenizer") from e
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -57,15 +73,27 @@ class Tokenizer:
         """Render `messages` ([{"role": ..., "content": ...}]) with the model's template (as HF does)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use a plain prompt instead of chat")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            return (
+                _template_environment()
+                .from_string(self.chat_template)
+                .render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
+            )
+        except (jinja2.TemplateError, TypeError, OverflowError, RecursionError) as e:
+            # A template is code from the model file: its errors (undefined names, `raise_exception` on
+            # roles it does not accept, the sandbox's limits) are the file's, not the caller's.
+            raise ModelFileError(self.source, f"failed ({type(e).__name__}: {e})", "chat_template") from e
 
-        def raise_exception(message: str) -> None:
-            raise jinja2.exceptions.TemplateError(message)
 
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
-        )
+def _template_environment() -> ImmutableSandboxedEnvironment:
+    """Jinja as HF renders chat templates: sandboxed, with `raise_exception`."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env
 
 
 def _stop_ids(vocab: dict[str, int], eos_ids: Sequence[int]) -> tuple[int, ...]:
@@ -74,10 +102,66 @@ def _stop_ids(vocab: dict[str, int], eos_ids: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
+MAX_TOKEN_CHARS = 2048  # real vocabularies stay below 100
+MAX_SPLIT_WORK = 1 << 31  # sum of squared token lengths; Gemma 3's 262k tokens need about 1% of it
+
+
+def _check_gguf_tokenizer_metadata(metadata: dict[str, Any], vocab_size: int | None) -> None:
+    """The `tokenizer.ggml.*` values a tokenizer is built from, typed and in range (ValueError naming the key)."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError("tokenizer.ggml.tokens must be a non-empty list of strings")
+    longest = max(len(t) for t in tokens)
+    if longest > MAX_TOKEN_CHARS:
+        raise ValueError(f"tokenizer.ggml.tokens has a token of {longest} characters (at most {MAX_TOKEN_CHARS})")
+    # Rebuilding SentencePiece merges splits every token at every place: quadratic in each token's length.
+    if metadata.get("tokenizer.ggml.model") == "llama" and sum(len(t) ** 2 for t in tokens) > MAX_SPLIT_WORK:
+        raise ValueError("tokenizer.ggml.tokens is far larger than any real vocabulary (long tokens)")
+    if vocab_size is not None and len(tokens) > vocab_size:
+        raise ValueError(f"tokenizer.ggml.tokens has {len(tokens)} tokens, more than the model's {vocab_size}")
+    for key, kinds in (("token_type", (int,)), ("scores", (int, float))):
+        values = metadata.get(f"tokenizer.ggml.{key}")
+        if values is not None and not (
+            isinstance(values, list) and len(values) == len(tokens) and all(isinstance(v, kinds) for v in values)
+        ):
+            raise ValueError(f"tokenizer.ggml.{key} must be a list of {len(tokens)} numbers, one per token")
+    merges = metadata.get("tokenizer.ggml.merges", [])
+    if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m.strip(" ") for m in merges):
+        bad = next((m for m in merges if not (isinstance(m, str) and " " in m.strip(" "))), merges)
+        raise ValueError(f"tokenizer.ggml.merges must be a list of 'left right' strings, found {bad!r}")
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(tokens)
+        ):
+            raise ValueError(f"tokenizer.ggml.{key} must be a token id in 0..{len(tokens) - 1}, got {value!r}")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if metadata.get(key) is not None and not isinstance(metadata[key], str):
+            raise ValueError(f"{key} must be a string, got {metadata[key]!r}")
+    for key in ("add_bos_token", "add_space_prefix"):
+        if not isinstance(metadata.get(f"tokenizer.ggml.{key}", False), bool):
+            raise ValueError(f"tokenizer.ggml.{key} must be true or false")
+
+
+def tokenizer_from_gguf(
+    metadata: dict[str, Any], vocab_size: int | None = None, path: str | os.PathLike[str] = "GGUF metadata"
+) -> Tokenizer:
     """The tokenizer described by `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`) split as llama.cpp
     splits it, or SentencePiece BPE with byte fallback (`llama`: Llama 2, Mistral, Gemma, Phi-3), built
-    the way HF transformers builds it from the same file so that both give the same ids."""
+    the way HF transformers builds it from the same file so that both give the same ids. Damaged or
+    inconsistent metadata raises ModelFileError naming `path` and the key."""
+    try:
+        _check_gguf_tokenizer_metadata(metadata, vocab_size)
+        return _tokenizer_from_gguf(metadata, str(path))
+    except ModelFileError:
+        raise
+    except ValueError as e:
+        raise ModelFileError(path, str(e), "tokenizer") from e
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises plain Exception on vocabularies it cannot build
+        raise ModelFileError(path, f"cannot be built from the file's vocabulary ({e})", "tokenizer") from e
+
+
+def _tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
     kind = metadata.get("tokenizer.ggml.model")
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     token_types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
@@ -117,6 +201,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
         stop_ids=_stop_ids(vocab, [] if eos is None else [eos]),
         chat_template=metadata.get("tokenizer.chat_template"),
         special_tokens=special,
+        source=source,
     )
 
 
@@ -191,27 +276,43 @@ def _token_text(entry: Any) -> str | None:
     return entry
 
 
-def tokenizer_from_hf_dir(directory: Path, eos_ids: Sequence[int]) -> Tokenizer:
-    """The tokenizer of an HF model directory (`tokenizer.json` + `tokenizer_config.json`)."""
+def tokenizer_from_hf_dir(directory: Path, eos_ids: Sequence[int], vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of an HF model directory (`tokenizer.json` + `tokenizer_config.json`). Damaged files
+    raise ModelFileError naming the file; ids beyond `vocab_size` (the model's) are refused."""
     path = directory / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} has no tokenizer.json (needed to turn text into tokens)")
-    backend = tokenizers.Tokenizer.from_file(str(path))
+    if not path.is_file():
+        raise ModelFileError(directory, "has no tokenizer.json (needed to turn text into tokens)")
+    read_json(path, max_bytes=1 << 30)  # bounded, and a clear message for bad JSON
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises plain Exception for any file it cannot read
+        raise ModelFileError(path, f"is not a tokenizer `tokenizers` can read ({e})") from e
     config: dict[str, Any] = {}
-    if (directory / "tokenizer_config.json").exists():
-        config = json.loads((directory / "tokenizer_config.json").read_text())
+    config_path = directory / "tokenizer_config.json"
+    if config_path.exists():
+        config = read_json(config_path)
     template = config.get("chat_template")
     if template is None and (directory / "chat_template.jinja").exists():
-        template = (directory / "chat_template.jinja").read_text()
+        template = read_text(directory / "chat_template.jinja")
+    if isinstance(template, list):  # older files: named templates; the default one is the chat template
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ModelFileError(config_path, f"must be a string, found {type(template).__name__}", "chat_template")
     vocab = backend.get_vocab(with_added_tokens=True)
-    special = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token")}
-    special = {k: v for k, v in special.items() if v}
+    special = {}
+    for name in ("bos_token", "eos_token"):
+        text = _token_text(config.get(name))
+        if text is not None and not isinstance(text, str):
+            raise ModelFileError(config_path, f"must be a token's text, found {config.get(name)!r}", name)
+        if text:
+            special[name] = text
     eos = list(eos_ids)
     if "eos_token" in special and special["eos_token"] in vocab:
         eos.append(vocab[special["eos_token"]])
-    return Tokenizer(
-        backend=backend,
-        stop_ids=_stop_ids(vocab, eos),
-        chat_template=template,
-        special_tokens=special,
-    )
+    stop_ids = _stop_ids(vocab, eos)
+    largest = max(vocab.values(), default=0)
+    if vocab_size is not None and (largest >= vocab_size or any(not 0 <= i < vocab_size for i in stop_ids)):
+        bad = largest if largest >= vocab_size else next(i for i in stop_ids if not 0 <= i < vocab_size)
+        raise ModelFileError(path, f"has token id {bad}, outside the model's vocabulary of {vocab_size}")
+    return Tokenizer(backend, stop_ids, template, special, source=str(config_path if template else path))
