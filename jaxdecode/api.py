@@ -172,9 +172,7 @@ _apply_jit = jax.jit(apply, static_argnames=("config", "prefill", "attention_imp
 def forward(model: Model, tokens: Any) -> jax.Array:
     """Full causal forward without a cache: int32 `[B, T]` -> float32 logits `[B, T, vocab]`
     (on a mesh: split over `data` by row; `parallel.fetch` brings it to the host in every process)."""
-    tokens = np.asarray(tokens, np.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    tokens = _token_array(model, tokens, "tokens", ndim=2)
     positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
     if model.mesh is None:
         return _apply_jit(model.params, model.config, tokens, positions, attention_impl=model.attention)[0]
@@ -196,11 +194,11 @@ def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def perplexity(model: Model, token_ids: Sequence[int], window: int = 1024, batch: int = 4) -> tuple[float, int]:
     """Perplexity of `token_ids` scored in non-overlapping windows of `window` tokens, no BOS added:
     in each window every token after the first is predicted from the ones before it in that window
-    (a shorter last window is scored the same way). Returns (perplexity, number of scored tokens).
-    `batch` windows run per forward pass."""
-    ids = np.asarray(token_ids, np.int32)
-    if window < 2:
-        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    (a shorter last window is scored the same way; a window is at most the model's context). Returns
+    (perplexity, number of scored tokens). `batch` windows run per forward pass."""
+    ids = _token_array(model, token_ids, "token_ids", ndim=1, max_len=INT32_MAX)
+    window = min(_integer(window, "window", 2, INT32_MAX), model.config.max_seq_len)
+    batch = _integer(batch, "batch", 1, 1 << 16)
     if ids.size < 2:
         raise ValueError(f"need at least 2 tokens to score, got {ids.size}")
     windows = [ids[i : i + window] for i in range(0, ids.size, window)]
@@ -262,19 +260,80 @@ def bucket(length: int, limit: int) -> int:
     return min(size, max(limit, length))
 
 
-def _encode_prompts(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]  # type: ignore[list-item]
+INT32_MAX = 2**31 - 1
+
+
+def _integer(value: Any, name: str, low: int, high: int) -> int:
+    """`value` (a Python or NumPy integer, not a bool) as an int in [low, high], else an error naming `name`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+    return int(value)
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _token_ids(model: Model, ids: Any, name: str) -> list[int]:
+    """One sequence of token ids (a list / tuple of Python or NumPy integers, or a 1-D integer array),
+    each checked against the vocabulary."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise TypeError(f"{name} must be a 1-D array of integer token ids, got {ids.dtype}{list(ids.shape)}")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
+        raise TypeError(f"{name} must be a list of integer token ids, got {type(ids).__name__}")
+    bad_type = next((t for t in ids if not _is_token(t)), None)
+    if bad_type is not None:
+        raise TypeError(f"{name}: token ids must be integers, got {type(bad_type).__name__} {bad_type!r}")
+    out = [int(t) for t in ids]
+    bad = next((t for t in out if not 0 <= t < model.config.vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{name}: token id {bad} is outside the vocabulary (0..{model.config.vocab_size - 1})")
+    return out
+
+
+def _token_array(model: Model, tokens: Any, name: str, ndim: int, max_len: int | None = None) -> np.ndarray:
+    """Token ids as an int32 array of `ndim` (1: a sequence, 2: `[batch, length]`) with at least one token
+    per row, each in the vocabulary and each row at most `max_len` (default: the context) long."""
+    rows = [tokens] if ndim == 1 else tokens
+    if isinstance(rows, np.ndarray):
+        rows = list(rows)
+    if isinstance(rows, (str, bytes, bytearray)) or not isinstance(rows, Sequence) or not rows:
+        raise TypeError(f"{name} must be {'a list' if ndim == 1 else 'a [batch, length] list'} of token ids")
+    ids = [_token_ids(model, row, name) for row in rows]
+    if len({len(row) for row in ids}) != 1 or not ids[0]:
+        raise ValueError(f"{name}: every row needs the same number (>= 1) of tokens, got {[len(r) for r in ids]}")
+    limit = model.config.max_seq_len if max_len is None else max_len
+    if len(ids[0]) > limit:
+        raise ValueError(f"{name}: {len(ids[0])} tokens exceed the model's context of {limit}")
+    array = np.asarray(ids, np.int32)
+    return array[0] if ndim == 1 else array
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
+    """One prompt (text, or a sequence / 1-D array of ids) or a batch of them -> a list of prompts."""
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim not in (1, 2):
+            raise TypeError(f"prompts: an array of token ids must be 1-D or 2-D, got shape {list(prompts.shape)}")
+        return [prompts] if prompts.ndim == 1 else list(prompts)
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be text, token ids or a list of them, got {type(prompts).__name__}")
     if not prompts:
         raise ValueError("no prompts given")
+    return [prompts] if _is_token(prompts[0]) else list(prompts)
+
+
+def _encode_prompts(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
     encoded = []
-    for p in prompts:
-        ids = model.require_tokenizer().encode(p) if isinstance(p, str) else [int(t) for t in p]
+    for p in _prompt_list(prompts):
+        ids = model.require_tokenizer().encode(p) if isinstance(p, str) else _token_ids(model, p, "prompts")
         if not ids:
             raise ValueError("empty prompt: give at least one token of text")
-        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
         encoded.append(ids)
     return encoded
 
@@ -290,8 +349,9 @@ class _Plan:
 
 
 def _plan(model: Model, prompts: list[list[int]], max_new_tokens: int, extra_slots: int = 0) -> _Plan:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not _is_token(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     context = model.config.max_seq_len
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens + extra_slots > context:
@@ -333,6 +393,9 @@ def _pad(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]
 def _start(model, prompts, max_new_tokens, sampling, seed, stop_ids, extra_slots=0):
     """Encode, pad, compile (cached) and run the prefill. Returns what the decode phase needs."""
     encoded = _encode_prompts(model, prompts)
+    seed = _integer(seed, "seed", -(2**63), 2**63 - 1)
+    if stop_ids is not None:
+        stop_ids = _token_ids(model, stop_ids, "stop_ids")
     arrays, sampling_plan = prepare(sampling, len(encoded))
     rows = _rows_for_mesh(model, len(encoded))  # on a mesh the batch splits over `data`
     padded = [encoded[i] for i in rows]
@@ -534,6 +597,10 @@ def stream(
 
     Produces the same tokens as `generate` with the same arguments (same seed, same jitted step).
     """
+    if len(_prompt_list(prompt)) != 1:
+        raise ValueError(f"stream takes one prompt, got {len(_prompt_list(prompt))}; use generate for a batch")
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be one jd.Sampling for stream, got {type(sampling).__name__}")
     _, arrays, statics, state, _, _, _ = _start(model, prompt, max_new_tokens, sampling, seed, stop_ids)
     step_exe, _ = _compiled(model, "decode_step", decode_step, statics, (model.params, state, arrays), donate=(1,))
     # tokenizers' incremental decoder: each step costs one token, not a re-decode of all text so far,

@@ -265,18 +265,42 @@ def _bench(args: argparse.Namespace) -> None:
     bench.run(args)
 
 
+EXIT_INTERNAL = 1
+DEBUG_ENV = "JAXDECODE_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. A bad input (model file, argument, path) prints one line and exits 2; an internal
+    error prints one line saying so (the traceback with `--debug` or JAXDECODE_DEBUG=1) and exits 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         _enable_compilation_cache()
         commands = {"generate": _generate, "chat": _chat, "convert": _convert, "eval-ppl": _eval_ppl, "bench": _bench}
         commands[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"jaxdecode: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        print(f"jaxdecode: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - the CLI never shows a traceback unless asked to
+        if debug:
+            raise
+        print(
+            f"jaxdecode: internal error: {type(e).__name__}: {_one_line(e)} "
+            f"(this is a bug; rerun with --debug or {DEBUG_ENV}=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 2000 else text[:2000] + "..."
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,21 @@ class Sampling:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        # NumPy scalars are taken as the Python numbers they hold; anything else that is not a number is
+        # refused by name (and int32 bounds the top-k, which travels as an int32 array).
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.top_k, (bool, np.bool_)) or not isinstance(self.top_k, (int, np.integer)):
+            raise TypeError(f"top_k must be an integer, got {type(self.top_k).__name__} {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if self.top_k > 2**31 - 1:
+            raise ValueError(f"top_k must be at most {2**31 - 1} (0 turns it off), got {self.top_k}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
@@ -75,7 +88,12 @@ class SamplingPlan:
 
 def prepare(sampling: Sampling | Sequence[Sampling], batch_size: int) -> tuple[SamplingArrays, SamplingPlan]:
     """One `Sampling` for the whole batch, or one per row -> (arrays, static plan)."""
-    rows = [sampling] * batch_size if isinstance(sampling, Sampling) else list(sampling)
+    if isinstance(sampling, Sampling):
+        rows = [sampling] * batch_size
+    elif isinstance(sampling, Sequence) and all(isinstance(s, Sampling) for s in sampling):
+        rows = list(sampling)
+    else:
+        raise TypeError(f"sampling must be a jd.Sampling or a list of them, got {type(sampling).__name__}")
     if len(rows) != batch_size:
         raise ValueError(f"got {len(rows)} sampling settings for {batch_size} prompts; give one, or one per prompt")
     sampled = [s for s in rows if not s.greedy]
