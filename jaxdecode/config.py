@@ -367,7 +367,7 @@ def _layer_types(hf: dict[str, Any], default_pattern: int | None) -> tuple[str, 
         if not isinstance(names, list) or any(t not in _LAYER_TYPES for t in names):
             raise ValueError(f"layer_types must be a list of {' / '.join(_LAYER_TYPES)}, got {names!r}")
         return tuple(_LAYER_TYPES[t] for t in names)
-    pattern = hf.get("sliding_window_pattern", default_pattern)
+    pattern = hf.get("sliding_window_pattern") or default_pattern
     if pattern is None:
         return None
     return tuple("sliding" if (i + 1) % int(pattern) else "full" for i in range(n))
@@ -428,10 +428,12 @@ def _layernorm_settings(hf: dict[str, Any], *, norm_bias: bool, linear_bias: boo
 # damaged file gives a message naming the field, not a TypeError from the arithmetic on it).
 _HF_INTS = (
     "vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size max_position_embeddings "
-    "n_embed n_embd n_head n_layer n_heads n_layers d_model n_positions seq_length original_max_position_embeddings "
-    "sliding_window_pattern num_ln_in_parallel_attn"
+    "n_embed n_embd n_head n_layer n_heads n_layers d_model n_positions seq_length"
 ).split()
-_HF_OPTIONAL_INTS = "num_key_value_heads head_dim n_inner ffn_hidden_size sliding_window num_kv_heads".split()
+_HF_OPTIONAL_INTS = (
+    "num_key_value_heads head_dim n_inner ffn_hidden_size sliding_window num_kv_heads num_ln_in_parallel_attn "
+    "original_max_position_embeddings sliding_window_pattern"
+).split()
 _HF_NUMBERS = "rms_norm_eps layer_norm_epsilon rope_theta rope_local_base_freq query_pre_attn_scalar".split()
 _HF_OPTIONAL_NUMBERS = "attn_logit_softcapping final_logit_softcapping partial_rotary_factor".split()
 _HF_BOOLS = (
@@ -653,7 +655,8 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             parallel_block=bool(hf.get("parallel_attn", True)),
-            parallel_mlp_norm=new_arch and hf.get("num_ln_in_parallel_attn", 2) == 2,
+            # As HF's Falcon: null (or absent) means two norms in the new decoder architecture.
+            parallel_mlp_norm=new_arch and (hf.get("num_ln_in_parallel_attn") or 2) == 2,
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
     if model_type == "bloom":

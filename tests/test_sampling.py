@@ -98,5 +98,5 @@ def test_greedy_rows_ignore_the_key():
     ],
 )
 def test_invalid_settings_name_the_setting(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises((ValueError, TypeError), match=name):  # TypeError: not a number / not an integer
         jd.Sampling(**kwargs)
