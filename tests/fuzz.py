@@ -674,6 +674,17 @@ def _manifest(version: Path) -> bytes:
     return _json_bytes(digests)
 
 
+def _damaged(raw: bytes, rng: random.Random) -> tuple[str, bytes | None]:
+    """A file deleted (None), truncated or with one bit flipped."""
+    choice = rng.choice(["delete", "truncate", "flip"])
+    if choice == "delete":
+        return choice, None
+    if choice == "truncate" or not raw:
+        return "truncate", raw[: rng.randrange(max(len(raw), 1))]
+    at = rng.randrange(len(raw))
+    return choice, raw[:at] + bytes([raw[at] ^ (1 << rng.randrange(8))]) + raw[at + 1 :]
+
+
 def _checkpoint_mutants(directory: Path, outside: Path, rng: random.Random):
     """Yields (description, {path relative to `directory`: bytes or None}, names_outside, re-sign).
     With re-sign the manifest is recomputed after the change (an edit by someone who knows the format)."""
@@ -688,15 +699,7 @@ def _checkpoint_mutants(directory: Path, outside: Path, rng: random.Random):
         kind = rng.choice(kinds)
         if kind == "damage":
             name = rng.choice(files)
-            raw = (directory / name).read_bytes()
-            choice = rng.choice(["delete", "truncate", "flip"])
-            new = (
-                None
-                if choice == "delete"
-                else raw[: rng.randrange(max(len(raw), 1))]
-                if choice == "truncate"
-                else (raw[: (at := rng.randrange(len(raw)))] + bytes([raw[at] ^ 1]) + raw[at + 1 :] if raw else b"x")
-            )
+            choice, new = _damaged((directory / name).read_bytes(), rng)
             yield f"{choice} {name}", {name: new}, False, False
         elif kind == "manifest":
             choice = rng.choice(["empty", "drop", "bogus", "size-type", "sha", "list", "json", "utf8"])
@@ -779,19 +782,7 @@ def _checkpoint_mutants(directory: Path, outside: Path, rng: random.Random):
             yield what, {meta_name: _json_bytes(m)}, False, True
         elif kind == "params":
             name = rng.choice([f for f in files if "/params/" in f])
-            raw = (directory / name).read_bytes()
-            choice = rng.choice(["truncate", "flip", "delete"])
-            new = (
-                None
-                if choice == "delete"
-                else raw[: rng.randrange(max(len(raw), 1))]
-                if choice == "truncate"
-                else (
-                    raw[: (at := rng.randrange(len(raw)))] + bytes([raw[at] ^ (1 << rng.randrange(8))]) + raw[at + 1 :]
-                    if raw
-                    else b"x"
-                )
-            )
+            choice, new = _damaged((directory / name).read_bytes(), rng)
             yield f"params (re-signed): {choice} {name}", {name: new}, False, True
         else:
             yield "extra file", {f"{version.name}/params/extra.bin": b"\x00" * 8}, False, rng.random() < 0.5
