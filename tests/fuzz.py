@@ -13,8 +13,8 @@ refused mutants there (for the CLI test). Outcomes:
   with our error);
 - escaped: any other exception; unclear: a ModelFileError-less ValueError/OSError (the classes of the code
   before the validation layer); hang: over the per-case timeout; memory: MemoryError under the limit;
-  outside: a mutant that names a file outside the model's directory loaded, or a file outside was opened;
-  broken: loaded, but the forward pass cannot run on it.
+  outside: a mutant that names a file outside the model's directory (an index entry or LATEST leading to
+  a valid model next to it) loaded; broken: loaded, but the forward pass cannot run on it.
 
 GGUF mutants are checked with `jaxdecode.io.gguf.open_model` (everything `load` validates: header, tensor
 table, config, tensor shapes, tokenizer) and, when that accepts one whose structure (config and tensor
