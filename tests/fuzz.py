@@ -2,7 +2,7 @@
 and of a saved checkpoint, each loaded under a per-case timeout in a worker process with an address-space
 limit.
 
-    python tests/fuzz.py {gguf,hf,checkpoint} COUNT SEED [--keep DIR]
+    python tests/fuzz.py {gguf,hf,checkpoint} COUNT SEED [--keep DIR] [--part I/N]
 
 prints one JSON report: the count of each outcome and a few examples of each. `--keep DIR` copies a few
 refused mutants there (for the CLI test). Outcomes:
@@ -290,7 +290,7 @@ def _gguf_mutants(data: bytes, layout: dict, arch: str, rng: random.Random):
             yield f"{kind} at {spots}", [flip(s) for s in spots], None
 
 
-def _fuzz_gguf(count: int, rng: random.Random, work: Path, keep: Path | None):
+def _fuzz_gguf(count: int, rng: random.Random, work: Path, mine):
     import jaxdecode as jd
     from jaxdecode.io import gguf as gguf_io
     from jaxdecode.io.sources import embedded_model_path
@@ -308,8 +308,10 @@ def _fuzz_gguf(count: int, rng: random.Random, work: Path, keep: Path | None):
     opened = gguf_io.open_model(original)
     reference = signature(opened)
     mutants = _gguf_mutants(data, layout, opened.file.architecture, rng)
-    for _ in range(count):
+    for i in range(count):
         description, patches, cut = next(mutants)
+        if not mine(i):
+            continue
         path = target
         if cut is not None:
             path = work / "cut.gguf"
@@ -648,13 +650,15 @@ def _load_and_check(path: Path) -> str | None:
     return _structurally_sound(model)
 
 
-def _fuzz_hf(count: int, rng: random.Random, work: Path, keep: Path | None):
+def _fuzz_hf(count: int, rng: random.Random, work: Path, mine):
     directory, outside = work / "model", work / "outside"
     make_hf_dir(directory)
     make_hf_dir(outside, seed=1)
     mutants = _hf_mutants(directory, outside, rng)
-    for _ in range(count):
+    for i in range(count):
         description, changes, names_outside = next(mutants)
+        if not mine(i):
+            continue
         with _patched(directory, changes):
             result = _classify(lambda: _load_and_check(directory), names_outside)
             yield description, result, directory
@@ -788,7 +792,7 @@ def _checkpoint_mutants(directory: Path, outside: Path, rng: random.Random):
             yield "extra file", {f"{version.name}/params/extra.bin": b"\x00" * 8}, False, rng.random() < 0.5
 
 
-def _fuzz_checkpoint(count: int, rng: random.Random, work: Path, keep: Path | None):
+def _fuzz_checkpoint(count: int, rng: random.Random, work: Path, mine):
     import jaxdecode as jd
 
     make_hf_dir(work / "hf")
@@ -803,6 +807,8 @@ def _fuzz_checkpoint(count: int, rng: random.Random, work: Path, keep: Path | No
     for i in range(count):
         directory = sources[None if i % 2 else "int8"]
         description, changes, names_outside, resign = next(streams[None if i % 2 else "int8"])
+        if not mine(i):
+            continue
         version = (directory / "LATEST").read_text()
         manifest_name = f"{version}/MANIFEST.json"
         with _patched(directory, changes):
@@ -828,7 +834,9 @@ def main() -> None:
     parser.add_argument("count", type=int)
     parser.add_argument("seed", type=int)
     parser.add_argument("--keep", type=Path, help="copy up to 3 refused mutants here")
+    parser.add_argument("--part", default="0/1", help="I/N: run the cases whose index is I modulo N (same mutants)")
     args = parser.parse_args()
+    part, parts = (int(n) for n in args.part.split("/"))
     import warnings
 
     import jax
@@ -845,15 +853,16 @@ def main() -> None:
         work = Path(tmp)
         _limit_address_space()
         fuzz = {"gguf": _fuzz_gguf, "hf": _fuzz_hf, "checkpoint": _fuzz_checkpoint}[args.kind]
-        for description, (outcome, detail), path in fuzz(args.count, rng, work, args.keep):
+        for description, (outcome, detail), path in fuzz(args.count, rng, work, lambda i: i % parts == part):
             counts[outcome] += 1
             if len(examples[outcome]) < (40 if outcome not in ("refused", "ok") else 8):
                 examples[outcome].append([description, detail])
             if args.keep and outcome == "refused" and kept < 3 and keep_rng.random() < 0.2:
-                target = args.keep / f"{args.kind}-{kept}{path.suffix}"
+                target = args.keep / f"{args.kind}-{part}-{kept}{path.suffix}"
                 (shutil.copytree if path.is_dir() else shutil.copyfile)(path, target)
                 kept += 1
-    print(json.dumps({"kind": args.kind, "count": args.count, "counts": dict(counts), "examples": examples}, indent=1))
+    report = {"kind": args.kind, "count": sum(counts.values()), "counts": dict(counts), "examples": examples}
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ def test_pallas_kernels_in_interpret_mode_match_xla(model):
     )
 
 
+@pytest.mark.slow  # the tiny model checks the same in test_generate.py; here one compile per prompt length
 def test_ragged_batch_equals_each_prompt_alone(model):
     batch = jd.generate(model, PROMPTS, max_new_tokens=12, stop_ids=())
     for i, prompt in enumerate(PROMPTS):

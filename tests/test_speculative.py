@@ -182,12 +182,16 @@ def _filtered_probs(logits: np.ndarray, top_k: int) -> np.ndarray:
     return e / e.sum()
 
 
-def test_sharded_verifier_equals_single_device(smollm2):
+@pytest.mark.slow  # SmolLM2's sharded speculative programs take about a minute to compile
+def test_sharded_verifier_equals_single_device_on_the_real_model(smollm2):
     prompts = _ragged_long_prompts()
     spec = jd.SelfSpeculative(budget=64, sinks=16, gamma=2)
     single = jd.generate(smollm2, prompts, max_new_tokens=10, stop_ids=(), speculative=spec)
     sharded = jd.shard(smollm2, jd.make_mesh(data=2, model=3))
     assert jd.generate(sharded, prompts, max_new_tokens=10, stop_ids=(), speculative=spec).tokens == single.tokens
+
+
+def test_sharded_verifier_equals_single_device():
     # sampled, on a tiny model over (data 2, model 2): the same draws on every shard and every mesh
     settings = dict(
         max_new_tokens=8,
