@@ -597,8 +597,9 @@ def stream(
 
     Produces the same tokens as `generate` with the same arguments (same seed, same jitted step).
     """
-    if len(_prompt_list(prompt)) != 1:
-        raise ValueError(f"stream takes one prompt, got {len(_prompt_list(prompt))}; use generate for a batch")
+    count = len(_prompt_list(prompt))
+    if count != 1:
+        raise ValueError(f"stream takes one prompt, got {count}; use generate for a batch")
     if not isinstance(sampling, Sampling):
         raise TypeError(f"sampling must be one jd.Sampling for stream, got {type(sampling).__name__}")
     _, arrays, statics, state, _, _, _ = _start(model, prompt, max_new_tokens, sampling, seed, stop_ids)
