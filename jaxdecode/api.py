@@ -265,7 +265,7 @@ INT32_MAX = 2**31 - 1
 
 def _integer(value: Any, name: str, low: int, high: int) -> int:
     """`value` (a Python or NumPy integer, not a bool) as an int in [low, high], else an error naming `name`."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if not _is_token(value):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if not low <= int(value) <= high:
         raise ValueError(f"{name} must be in {low}..{high}, got {value}")

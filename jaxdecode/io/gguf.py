@@ -446,6 +446,7 @@ def _tensor_plan(config: ModelConfig, tensors: dict[str, GGUFTensor], path: Path
     expected = expected_shapes(config)
     plan: dict[str, _Source] = {}
     fused_rows: dict[str, int] = {}
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     for ours in expected:
         layer, _, rest = ours.partition("/")
         if ours in _TOP_NAMES:
@@ -455,7 +456,6 @@ def _tensor_plan(config: ModelConfig, tensors: dict[str, GGUFTensor], path: Path
             raise ModelFileError(path, f"a {config.family} GGUF file has no tensor for our parameter {ours}")
         blk = f"blk.{layer[6:]}."
         source = _Source(blk + _BLOCK_NAMES[rest])
-        q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         if rest in ("attn/q/weight", "attn/k/weight", "attn/v/weight") and blk + "attn_qkv.weight" in tensors:
             start = {"q": 0, "k": q_rows, "v": q_rows + kv_rows}[rest[5]]
             source = _Source(blk + "attn_qkv.weight", start, start + expected[ours][0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class Tokenizer:
         """Checks what can be checked before use: the template compiles, and text encodes."""
         if self.chat_template is not None:
             try:
-                _template_environment().from_string(self.chat_template)
+                _compiled_template(self.chat_template)
             except (jinja2.TemplateError, TypeError, RecursionError) as e:
                 raise ModelFileError(self.source, f"does not compile ({type(e).__name__}: {e})", "chat_template") from e
         self.encode("Hello, world 1.")
@@ -74,10 +75,8 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("this model has no chat template; use a plain prompt instead of chat")
         try:
-            return (
-                _template_environment()
-                .from_string(self.chat_template)
-                .render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
+            return _compiled_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
             )
         except (jinja2.TemplateError, TypeError, OverflowError, RecursionError) as e:
             # A template is code from the model file: its errors (undefined names, `raise_exception` on
@@ -85,15 +84,17 @@ class Tokenizer:
             raise ModelFileError(self.source, f"failed ({type(e).__name__}: {e})", "chat_template") from e
 
 
-def _template_environment() -> ImmutableSandboxedEnvironment:
-    """Jinja as HF renders chat templates: sandboxed, with `raise_exception`."""
+@functools.lru_cache(maxsize=8)
+def _compiled_template(source: str) -> jinja2.Template:
+    """A chat template compiled once (at load), as HF renders them: Jinja's immutable sandbox, with
+    `raise_exception`."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
     env.globals["raise_exception"] = raise_exception
-    return env
+    return env.from_string(source)
 
 
 def _stop_ids(vocab: dict[str, int], eos_ids: Sequence[int]) -> tuple[int, ...]:
@@ -282,9 +283,9 @@ def tokenizer_from_hf_dir(directory: Path, eos_ids: Sequence[int], vocab_size: i
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise ModelFileError(directory, "has no tokenizer.json (needed to turn text into tokens)")
-    read_json(path, max_bytes=1 << 30)  # bounded, and a clear message for bad JSON
+    text = read_text(path, max_bytes=1 << 30)  # bounded, UTF-8; read once, parsed once (by `tokenizers`)
     try:
-        backend = tokenizers.Tokenizer.from_file(str(path))
+        backend = tokenizers.Tokenizer.from_str(text)
     except Exception as e:  # noqa: BLE001 - `tokenizers` raises plain Exception for any file it cannot read
         raise ModelFileError(path, f"is not a tokenizer `tokenizers` can read ({e})") from e
     config: dict[str, Any] = {}
