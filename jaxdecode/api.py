@@ -22,8 +22,8 @@ from . import checkpoint, parallel
 from .attention import resolve as resolve_attention
 from .config import ModelConfig
 from .generate import decode_loop, decode_step, prefill
-from .io.gguf import load_gguf
-from .io.hf import load_hf
+from .io.gguf import load_gguf, open_model
+from .io.hf import load_hf, read_hf_config
 from .io.sources import resolve_source
 from .io.tokenizer import Tokenizer
 from .model import Params, apply, linear_weights_to_in_out
@@ -75,8 +75,8 @@ def load(
         Hugging Face cache; see `jaxdecode/io/sources.py`).
       dtype: "float32" or "bfloat16" for the weights, the activations and the KV cache.
       attention: "auto" (Pallas kernels on TPU / GPU, XLA on CPU), "xla", "pallas" (the kernel of this
-        platform, an error where there is none) or "interpret" (the TPU kernel in Pallas interpret mode,
-        for checking the kernels on CPU; slow). See `jaxdecode/attention.py`.
+        platform, an error where there is none) or "interpret" / "interpret-triton" (the TPU / Triton
+        kernel in Pallas interpret mode, for checking the kernels on CPU; slow). See `jaxdecode/attention.py`.
       mesh: a `make_mesh(data=..., model=...)` mesh: params go straight from the host to their shards
         (tensor parallel over `model`, batch over `data`; see `jaxdecode/parallel.py`).
       quant: None (float weights), "int8" (per output channel), "int4" (groups of `group_size` columns)
@@ -86,7 +86,7 @@ def load(
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
     check_quant_choice(quant, group_size)
-    backend = resolve_attention(attention, dtype)
+    backend = resolve_attention(attention)
     path = resolve_source(source)
     if checkpoint.is_checkpoint(path):
         return _load_checkpoint(path, dtype, backend, mesh, quant)
@@ -101,6 +101,17 @@ def load(
         params = quantize_params(params, quant, group_size, dtype)
     model = Model(config, linear_weights_to_in_out(params), tokenizer, str(source), backend)
     return shard(model, mesh) if mesh is not None else replace(model, params=jax.tree.map(jnp.asarray, model.params))
+
+
+def load_config(source: str | os.PathLike[str]) -> ModelConfig:
+    """The config of anything `load` takes, validated, without reading the weights (a directory with only
+    a config.json is enough; a GGUF file is read up to its tensor table)."""
+    path = resolve_source(source)
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.saved_config(path)
+    if path.is_dir():
+        return read_hf_config(path)[0]
+    return open_model(path).config
 
 
 def _load_checkpoint(path: Path, dtype: str, backend: str, mesh: jax.sharding.Mesh | None, quant: str | None) -> Model:

@@ -4,11 +4,12 @@ Every attention call of every family goes through `prefill_attention` (causal se
 new tokens, no cache read) or `cached_attention` (a few new queries against the KV cache), both
 served by `pallas_kernels` with a static backend name:
 
-- "auto": per lowering platform, the Mosaic TPU kernel on TPU, the Mosaic GPU kernel on CUDA (XLA
-  where it does not apply, e.g. float32), XLA on CPU. The default.
+- "auto": per lowering platform, the Mosaic TPU kernel on TPU, the Triton kernel on CUDA (XLA where
+  it does not apply: a head_dim that is not a power of two), XLA on CPU. The default.
 - "xla": XLA everywhere.
-- "tpu" / "gpu": that Pallas kernel (what `jd.load(attention="pallas")` resolves to on its platform).
-- "interpret": the Pallas TPU kernel in interpret mode (runs on CPU; slow, for tests).
+- "tpu" / "triton": that Pallas kernel (what `jd.load(attention="pallas")` resolves to on its platform).
+- "interpret" (= "interpret-tpu"), "interpret-triton": that kernel in interpret mode (runs on CPU;
+  slow, for tests).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 
 import pallas_kernels
 
-CHOICES = ("auto", "xla", "pallas", "interpret")  # what users pass as `attention=`
+CHOICES = ("auto", "xla", "pallas", "interpret", "interpret-tpu", "interpret-triton")  # what users pass as `attention=`
 
 
 def prefill_attention(
@@ -69,11 +70,12 @@ def cached_attention(
     )
 
 
-def resolve(choice: str, dtype: str) -> str:
-    """The backend for a user's `attention=` choice ("auto", "xla", "pallas", "interpret") on this machine.
+def resolve(choice: str) -> str:
+    """The backend for a user's `attention=` choice (one of `CHOICES`) on this machine.
 
-    "pallas" means the kernel of the default JAX platform, and is refused where none exists (CPU) or the
-    GPU kernel cannot take the dtype, rather than silently running something else.
+    "pallas" means the kernel of the default JAX platform, and is refused where none exists (CPU) rather
+    than silently running something else; a model the kernel cannot take (the Triton kernel needs a
+    power-of-two head_dim) is refused by the kernel when the program is built.
     """
     if choice not in CHOICES:
         raise ValueError(f"unknown attention {choice!r}; use one of: {', '.join(CHOICES)}")
@@ -83,18 +85,7 @@ def resolve(choice: str, dtype: str) -> str:
     if platform == "tpu":
         return "tpu"
     if platform == "gpu":
-        if not pallas_kernels.gpu_kernel_runs_here():
-            device = jax.devices()[0]
-            raise ValueError(
-                f"attention='pallas' on GPU needs a Hopper GPU (sm_90, e.g. H100) for its wgmma kernel; this is "
-                f"{device.device_kind} (sm_{getattr(device, 'compute_capability', '?')}); use attention='auto'"
-            )
-        if dtype == "float32":
-            raise ValueError(
-                "attention='pallas' on GPU needs dtype='bfloat16' (tensor-core MMA has no float32 inputs); "
-                "use attention='auto' to fall back to XLA for float32"
-            )
-        return "gpu"
+        return "triton"
     raise ValueError(
         f"attention='pallas' needs a TPU or CUDA GPU, and JAX runs on {platform}; "
         "use attention='interpret' to run the kernels on CPU, or 'auto'"

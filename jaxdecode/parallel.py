@@ -191,21 +191,23 @@ def layout_is_identity(config: ModelConfig, model_size: int) -> bool:
     )
 
 
-def sharded_layout(params: Any, config: ModelConfig, model_size: int) -> Any:
+def sharded_layout(params: Any, config: ModelConfig, model_size: int, xp: Any = np) -> Any:
     """Host params -> the layout `param_spec` splits: K/V columns of each KV head repeated when there are
-    fewer KV heads than shards, embedding / LM head rows padded to a multiple of the shard count."""
+    fewer KV heads than shards, embedding / LM head rows padded to a multiple of the shard count.
+
+    `xp=jnp` traces it (under `jax.eval_shape`, for abstract params: `jaxdecode.plan`)."""
     parallel = Parallel(model_size)
     repeat = model_size // config.num_kv_heads if config.num_kv_heads < model_size else 1
     vocab = padded_vocab(config.vocab_size, parallel)
 
     def fix(path, leaf):
         module, name = _leaf_name(path)
-        leaf = np.asarray(leaf)
+        leaf = xp.asarray(leaf)
         if name in ("embed", "lm_head") and vocab != leaf.shape[0]:
-            leaf = np.concatenate([leaf, np.zeros((vocab - leaf.shape[0], leaf.shape[1]), leaf.dtype)])
+            leaf = xp.concatenate([leaf, xp.zeros((vocab - leaf.shape[0], leaf.shape[1]), leaf.dtype)])
         if module in ("k", "v") and repeat > 1:
             heads = leaf.reshape(*leaf.shape[:-1], config.num_kv_heads, config.head_dim)
-            leaf = np.repeat(heads, repeat, axis=-2).reshape(*leaf.shape[:-1], -1)
+            leaf = xp.repeat(heads, repeat, axis=-2).reshape(*leaf.shape[:-1], -1)
         return leaf
 
     return jax.tree_util.tree_map_with_path(fix, params)

@@ -281,3 +281,29 @@ def quantize_params(params: Any, quant: str, group_size: int = 128, dtype: str =
         return leaf
 
     return jax.tree_util.tree_map_with_path(convert, params)
+
+
+def quantize_abstract(params: Any, quant: str, group_size: int = 128, dtype: str = "float32") -> Any:
+    """What `quantize_params` makes of a model, as shapes only: abstract params in the model's layout
+    (`jax.eval_shape(init_params, ...)`, Linear weights `[in, out]`) -> the same tree with the quantized
+    leaves as `QuantizedWeight`s of `jax.ShapeDtypeStruct`s (no weights needed: `jaxdecode.plan`).
+
+    The shapes come from quantizing one zero row of each weight with the real quantizer, so they cannot
+    drift from what loading produces."""
+
+    def convert(path, leaf):
+        name = getattr(path[-1], "key", None)
+        if name in EMBEDDING_NAMES:
+            kind, (out, columns) = "int8", leaf.shape
+        elif name == "weight" and len(leaf.shape) == 2:
+            kind, (columns, out) = quant, leaf.shape
+        else:
+            return leaf
+        row = quantize(np.zeros((1, columns), np.float32), kind, group_size, dtype)
+
+        def grow(a):
+            return None if a is None else jax.ShapeDtypeStruct((out, *a.shape[1:]), a.dtype)
+
+        return QuantizedWeight(grow(row.values), grow(row.scales), grow(row.offsets), row.kind, (out, columns), dtype)
+
+    return jax.tree_util.tree_map_with_path(convert, params)

@@ -151,6 +151,28 @@ def row_block_query_range(problem: Problem, row_block, block_rows: int):
     return jnp.where(same_head, t_first, 0), jnp.where(same_head, t_last, problem.q_len - 1)
 
 
+def split_blocks(
+    problem: Problem, q_offset, kv_len, row_block, split, blocks_per_split: int, block_rows: int, block_kv: int
+):
+    """The KV blocks a row block sees within a split, as `(kv_block(i), count)` for i in [0, count): first
+    the sink blocks, then the window up to the length (`visible_kv_blocks`). For kernels that loop over a
+    dynamic number of blocks (the GPU kernels) rather than over a grid axis (the TPU kernel)."""
+    t_min, t_max = row_block_query_range(problem, row_block, block_rows)
+    sink_end, window_start, end = visible_kv_blocks(problem, q_offset, kv_len, t_min, t_max, block_kv)
+    split_lo = split * blocks_per_split
+    split_hi = split_lo + blocks_per_split
+    lo1, hi1 = split_lo, jnp.minimum(jnp.minimum(sink_end, split_hi), end)
+    lo2 = jnp.maximum(jnp.maximum(window_start, sink_end), split_lo)
+    hi2 = jnp.minimum(end, split_hi)
+    count1 = jnp.maximum(hi1 - lo1, 0)
+    count = count1 + jnp.maximum(hi2 - lo2, 0)
+
+    def kv_block(i):
+        return jnp.where(i < count1, lo1 + i, lo2 + i - count1)
+
+    return kv_block, count
+
+
 def score_block(problem: Problem, scores, q_pos, key_pos, kv_len, slope):
     """Scale, soft-cap, ALiBi and mask one tile of raw scores (float32 `[rows, keys]`).
 

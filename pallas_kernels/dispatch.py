@@ -2,12 +2,14 @@
 
 Backends:
 - "auto": chosen per *lowering platform* with `lax.platform_dependent`, so one traced function lowers
-  to the Mosaic TPU kernel for `tpu`, the Mosaic GPU kernel for `cuda` (XLA where that kernel does not
-  apply: float32, head_dim not a multiple of 64, S not a multiple of 8, a GPU other than Hopper) and
-  XLA elsewhere (CPU).
+  to the Mosaic TPU kernel for `tpu`, the Triton kernel for `cuda` (XLA where it does not apply: a
+  head_dim that is not a power of two) and XLA elsewhere (CPU).
 - "xla": the reference implementation (`reference.py`).
-- "tpu", "gpu": that kernel, whatever the platform (lowers only for its own).
-- "interpret": the TPU kernel in Pallas interpret mode; runs anywhere, slowly (tests on CPU).
+- "tpu": the Mosaic TPU kernel; "triton": the Triton kernel (Ampere and newer); "mosaic-gpu": the
+  Hopper-only Mosaic GPU kernel, by name only (see `gpu.py` and the README). Each lowers only for its
+  own platform.
+- "interpret-tpu" (alias "interpret"), "interpret-triton": that kernel in Pallas interpret mode; runs
+  anywhere, slowly (the numerics tests on CPU).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import common, gpu, reference, tpu
+from . import common, gpu, reference, tpu, triton
 from .common import Problem
 
-BACKENDS = ("auto", "xla", "tpu", "gpu", "interpret")
+BACKENDS = ("auto", "xla", "tpu", "triton", "mosaic-gpu", "interpret-tpu", "interpret-triton", "interpret")
+_ALIASES = {"interpret": "interpret-tpu"}
 _H100_SMS = 132  # CUDA cores count for the split heuristic when lowering for a GPU we cannot query
 
 
@@ -37,7 +40,7 @@ def _num_cores(platform: str) -> int:
     return _H100_SMS if platform == "gpu" else 1
 
 
-def gpu_kernel_runs_here() -> bool:
+def mosaic_gpu_runs_here() -> bool:
     """The Mosaic GPU kernel uses Hopper's wgmma (sm_90): on a present GPU of another generation it cannot
     run. When lowering for CUDA from a machine without a GPU, assume a Hopper target."""
     if jax.default_backend() != "gpu":
@@ -45,10 +48,18 @@ def gpu_kernel_runs_here() -> bool:
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
+def _kernel_of(backend: str) -> str:
+    """The kernel a backend runs: "tpu", "triton" or "mosaic-gpu"."""
+    return backend.removeprefix("interpret-")
+
+
 def default_num_splits(problem: Problem, backend: str, dtype) -> int:
     """The split heuristic (`common.num_splits_heuristic`) with the backend's block sizes and cores."""
-    if backend == "gpu":
+    kernel = _kernel_of(_ALIASES.get(backend, backend))
+    if kernel == "mosaic-gpu":
         block_rows, block_kv, cores = gpu.BLOCK_ROWS, gpu.BLOCK_KV, _num_cores("gpu")
+    elif kernel == "triton":
+        (block_rows, block_kv), cores = triton.block_sizes(problem, dtype), _num_cores("gpu")
     else:
         (block_rows, block_kv), cores = tpu.block_sizes(problem, dtype), _num_cores("tpu")
     work = problem.batch * problem.num_kv_heads * common.cdiv(problem.rows, block_rows)
@@ -70,12 +81,11 @@ def _attend(
     def kernel(name: str):
         def run(q, k, v, q_offset, kv_len, alibi_slopes):
             splits = default_num_splits(problem, name, q.dtype) if num_splits is None else num_splits
-            if name == "gpu":
-                return gpu.attend_rows(q, k, v, q_offset, kv_len, alibi_slopes, problem=problem, num_splits=splits)
-            interpret = name == "interpret"
-            return tpu.attend_rows(
-                q, k, v, q_offset, kv_len, alibi_slopes, problem=problem, num_splits=splits, interpret=interpret
-            )
+            rows = (q, k, v, q_offset, kv_len, alibi_slopes)
+            if name == "mosaic-gpu":
+                return gpu.attend_rows(*rows, problem=problem, num_splits=splits)
+            attend_rows = triton.attend_rows if _kernel_of(name) == "triton" else tpu.attend_rows
+            return attend_rows(*rows, problem=problem, num_splits=splits, interpret=name.startswith("interpret"))
 
         return run
 
@@ -87,8 +97,8 @@ def _attend(
 
     args = (q, k, v, q_offset, kv_len, alibi_slopes)
     if backend == "auto":
-        gpu_branch = kernel("gpu") if gpu.supports(problem, q.dtype) and gpu_kernel_runs_here() else xla
-        return lax.platform_dependent(*args, tpu=kernel("tpu"), cuda=gpu_branch, default=xla)
+        cuda = kernel("triton") if triton.supports(problem, q.dtype) else xla
+        return lax.platform_dependent(*args, tpu=kernel("tpu"), cuda=cuda, default=xla)
     return (xla if backend == "xla" else kernel(backend))(*args)
 
 
@@ -119,9 +129,10 @@ def _problem(q, k, *, scale, window, sinks, softcap, alibi_slopes) -> Problem:
     )
 
 
-def _check_backend(backend: str) -> None:
+def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return _ALIASES.get(backend, backend)
 
 
 @functools.partial(jax.jit, static_argnames=("num_splits", "scale", "window", "sinks", "softcap", "backend"))
@@ -158,7 +169,7 @@ def decode_attention(
     Returns:
       `[B, Hq, Tq, D]` in q's dtype.
     """
-    _check_backend(backend)
+    backend = _check_backend(backend)
     problem = _problem(q, k_cache, scale=scale, window=window, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
@@ -187,7 +198,7 @@ def flash_attention(
     `softcap` as there.
     Returns `[B, Hq, T, D]` in q's dtype.
     """
-    _check_backend(backend)
+    backend = _check_backend(backend)
     if not causal and (alibi_slopes is not None or window is not None):
         raise ValueError("alibi_slopes and window need causal=True (they are defined by query positions)")
     if k.shape[2] != q.shape[2]:

@@ -51,25 +51,6 @@ def supports(problem: Problem, dtype) -> bool:
     )
 
 
-def split_blocks(problem: Problem, q_offset, kv_len, row_block, split, blocks_per_split: int):
-    """The KV blocks a row block sees within a split, as `(kv_block(i), count)` for i in [0, count):
-    first the sink blocks, then the window up to the length (`common.visible_kv_blocks`)."""
-    t_min, t_max = common.row_block_query_range(problem, row_block, BLOCK_ROWS)
-    sink_end, window_start, end = common.visible_kv_blocks(problem, q_offset, kv_len, t_min, t_max, BLOCK_KV)
-    split_lo = split * blocks_per_split
-    split_hi = split_lo + blocks_per_split
-    lo1, hi1 = split_lo, jnp.minimum(jnp.minimum(sink_end, split_hi), end)
-    lo2 = jnp.maximum(jnp.maximum(window_start, sink_end), split_lo)
-    hi2 = jnp.minimum(end, split_hi)
-    count1 = jnp.maximum(hi1 - lo1, 0)
-    count = count1 + jnp.maximum(hi2 - lo2, 0)
-
-    def kv_block(i):
-        return jnp.where(i < count1, lo1 + i, lo2 + i - count1)
-
-    return kv_block, count
-
-
 def _kernel(
     q_offset_ref,
     kv_len_ref,
@@ -100,7 +81,9 @@ def _kernel(
     q_offset, kv_len = q_offset_ref[b], kv_len_ref[b]
     row_start = row_block * BLOCK_ROWS
 
-    kv_block, count = split_blocks(problem, q_offset, kv_len, row_block, split, blocks_per_split)
+    kv_block, count = common.split_blocks(
+        problem, q_offset, kv_len, row_block, split, blocks_per_split, BLOCK_ROWS, BLOCK_KV
+    )
 
     def fetch(i, slot):
         rows = pl.ds(kv_block(i) * BLOCK_KV, BLOCK_KV)

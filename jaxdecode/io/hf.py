@@ -167,18 +167,23 @@ def _set(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
     tree[leaf] = value
 
 
-def load_hf(directory: str | os.PathLike[str], dtype: Any) -> tuple[ModelConfig, dict[str, Any], Tokenizer | None]:
-    """Read an HF model directory: (config, params cast to `dtype` with Linear weights `[out, in]` as
-    stored, tokenizer or None if it has none). Every file is validated as it is read (ModelFileError)."""
-    directory = Path(directory)
+def read_hf_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, the config.json dict) of an HF model directory, validated (ModelFileError)."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ModelFileError(directory, "has no config.json (an HF model directory needs one)")
     hf = read_json(config_path)
     try:
-        config = config_from_hf(hf)
+        return config_from_hf(hf), hf
     except ValueError as e:
         raise ModelFileError(config_path, str(e)) from e
+
+
+def load_hf(directory: str | os.PathLike[str], dtype: Any) -> tuple[ModelConfig, dict[str, Any], Tokenizer | None]:
+    """Read an HF model directory: (config, params cast to `dtype` with Linear weights `[out, in]` as
+    stored, tokenizer or None if it has none). Every file is validated as it is read (ModelFileError)."""
+    directory = Path(directory)
+    config, hf = read_hf_config(directory)
     names = [(re.compile(pattern), target) for pattern, target in _NAMES[config.family]]
     params: dict[str, Any] = {}
     origin: dict[str, str] = {}  # our parameter path -> "file: tensor name", for messages
