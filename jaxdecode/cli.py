@@ -1,4 +1,4 @@
-"""Command line: `jaxdecode generate`, `chat`, `convert`, `eval-ppl` and `bench`.
+"""Command line: `jaxdecode generate`, `chat`, `convert`, `eval-ppl`, `bench` and `plan`.
 
 Errors a user can fix (bad model name, missing file, bad settings) end with one line on stderr and
 exit status 2, never a traceback.
@@ -97,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--window", type=int, default=1024)
     ppl.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...}')
     _add_load_args(ppl)
+    plan = sub.add_parser(
+        "plan", help="will a model fit a TPU / GPU target, and how fast can it decode there (compiled, no weights)"
+    )
+    plan.add_argument(
+        "--model", required=True, help="a preset (llama-3.1-8b, ...), a config.json directory, or any --model"
+    )
+    plan.add_argument("--target", required=True, help="v5e-1, v5e-4, v5e-8, v6e-1, v6e-4, v6e-8, v5p-8, h100, a100, l4")
+    plan.add_argument("--mesh", help="DATAxMODEL, e.g. 1x4 (default: the smallest model axis that fits)")
+    plan.add_argument("--batch", type=int, default=8)
+    plan.add_argument("--context", type=int, default=1024, help="prompt tokens per row")
+    plan.add_argument("--new-tokens", type=int, default=128)
+    plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    plan.add_argument("--quant", choices=["int8", "int4"], default=None)
+    plan.add_argument("--analytic", action="store_true", help="estimate from shapes instead of compiling")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
     bench = sub.add_parser(
         "bench", help="benchmark jaxdecode against HF transformers and llama.cpp on the embedded model"
     )
@@ -259,6 +274,27 @@ def _chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from . import plan, targets
+
+    target = targets.get(args.target)
+    mesh = None
+    if args.mesh is not None:
+        data, _, model = args.mesh.lower().partition("x")
+        if not (data.isdigit() and model.isdigit()) or int(data) < 1 or int(model) < 1:
+            raise ValueError(f"--mesh must be DATAxMODEL with positive integers, e.g. 1x4; got {args.mesh!r}")
+        mesh = (int(data), int(model))
+    for name in ("batch", "context", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    workload = plan.Workload(
+        batch=args.batch, prompt_len=args.context, new_tokens=args.new_tokens, dtype=args.dtype, quant=args.quant
+    )
+    config = plan.load_plan_config(args.model)
+    report = plan.plan(config, target, workload, mesh=mesh, compile=False if args.analytic else None)
+    print(json.dumps(report) if args.json else plan.format_report(report))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from . import bench
 
@@ -277,7 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         _enable_compilation_cache()
-        commands = {"generate": _generate, "chat": _chat, "convert": _convert, "eval-ppl": _eval_ppl, "bench": _bench}
+        commands = {
+            "generate": _generate,
+            "chat": _chat,
+            "convert": _convert,
+            "eval-ppl": _eval_ppl,
+            "bench": _bench,
+            "plan": _plan,
+        }
         commands[args.command](args)
     except KeyboardInterrupt:
         return 130

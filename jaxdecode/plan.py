@@ -250,7 +250,8 @@ def plan(
     if mesh is not None:
         meshes = [mesh]
         if mesh[0] * mesh[1] > target.devices:
-            raise ValueError(f"mesh {mesh[0]}x{mesh[1]} needs {mesh[0] * mesh[1]} devices; {target.name} has {target.devices}")
+            need = mesh[0] * mesh[1]
+            raise ValueError(f"mesh {mesh[0]}x{mesh[1]} needs {need} devices; {target.name} has {target.devices}")
     else:
         meshes = [(1, m) for m in range(1, target.devices + 1) if target.devices % m == 0]
         meshes = [(d, m) for d, m in meshes if _fits_mesh(config, workload, d, m)]
@@ -282,8 +283,14 @@ def plan(
         "decode_step_s": step_s,
         "decode_tokens_per_s": workload.batch / step_s if workload.gamma is None else None,
         "workload": dataclasses.asdict(workload),
-        "note": None if compile else f"analytic estimate: the {target.platform} compiler is not installed ({targets.AOT_INSTALL})",
+        "note": None if compile else _analytic_note(target),
     }
+
+
+def _analytic_note(target: Target) -> str:
+    if targets.compilers_installed(target.platform):
+        return "analytic estimate (not compiled; temporaries and peak unknown)"
+    return f"analytic estimate: the {target.platform} compiler is not installed ({targets.AOT_INSTALL})"
 
 
 def _fits_mesh(config: ModelConfig, workload: Workload, data: int, model: int) -> bool:
@@ -322,4 +329,3 @@ def format_report(report: dict[str, Any]) -> str:
         + (f", {report['decode_tokens_per_s']:.0f} tokens/s" if report["decode_tokens_per_s"] else ""),
     ]
     return "\n".join(lines)
-

@@ -90,8 +90,8 @@ TARGETS: dict[str, Target] = {
 }
 
 
-class TargetUnavailable(RuntimeError):
-    """The compiler for a target is not installed here."""
+class TargetUnavailable(ValueError):
+    """The compiler for a target is not installed here (a ValueError: the user can fix it, the CLI says how)."""
 
 
 def get(name: str) -> Target:

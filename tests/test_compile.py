@@ -1,0 +1,296 @@
+"""Real compiles for TPU and CUDA targets from this CPU machine (`jaxdecode.targets`, the `aot` extra).
+
+Lowering is not compiling: here XLA:TPU and Mosaic (TPU v5e, v6e) and XLA:GPU with Triton (H100 sm_90,
+A100 sm_80, L4 sm_89) build every kernel configuration the numerics tests cover and the whole generation
+programs, with abstract parameters. A Mosaic layout error, a Triton kernel over a GPU's shared memory or
+an HBM overflow fails here. These need the compilers: the README's test command installs them
+(`.[test,aot]`); without them the tests fail, naming the install, rather than skip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import SingleDeviceSharding
+
+import jaxdecode as jd
+import pallas_kernels as pk
+from jaxdecode import plan as jp
+from jaxdecode import targets
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TPU_CHIPS = ("v5e-1", "v6e-1")
+GPUS = ("h100", "a100", "l4")
+
+
+def _device(name: str):
+    return targets.compile_only_devices(name)[0]
+
+
+def _compile(fn, device, *shapes) -> None:
+    sharding = SingleDeviceSharding(device)
+    args = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for s in shapes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        compiled = jax.jit(fn).lower(*args).compile()
+    assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+def _s(*shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def test_the_compilers_are_installed():
+    for platform in ("tpu", "cuda"):
+        assert targets.compilers_installed(platform), f"the {platform} compiler is missing: {targets.AOT_INSTALL}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels. The numerics tests draw dtype, head_dim, head layout, Tq, capacity and the features (ALiBi,
+# window + sinks, softcap) at random; here every value of each is compiled, with capacities (ragged, not a
+# multiple of the block, long) and features cycled over the product of the rest.
+
+HEAD_LAYOUTS = [(1, 1), (3, 1), (8, 1), (4, 4)]  # (group, Hkv) as in test_kernels
+CAPACITIES = [32, 96, 160, 520, 2048]
+FEATURES = [{}, dict(window=40, sinks=4, softcap=3.0, alibi=True), dict(window=7), dict(softcap=50.0, alibi=True)]
+
+
+def _decode_cases(dtypes, q_lens):
+    grid = itertools.product(dtypes, [64, 128, 256], HEAD_LAYOUTS, q_lens)
+    for i, (dtype, head_dim, (group, kv_heads), q_len) in enumerate(grid):
+        yield dtype, head_dim, group, kv_heads, q_len, CAPACITIES[i % len(CAPACITIES)], FEATURES[i % len(FEATURES)]
+
+
+def _compile_decode(device, backend, dtype, head_dim, group, kv_heads, q_len, capacity, features):
+    features = dict(features)
+    alibi = features.pop("alibi", False)
+    heads, batch = group * kv_heads, 2
+    shapes = [
+        _s(batch, heads, q_len, head_dim, dtype=dtype),
+        *[_s(batch, kv_heads, capacity, head_dim, dtype=dtype)] * 2,
+    ]
+    shapes += [_s(batch, dtype=jnp.int32)] + ([_s(heads, dtype=jnp.float32)] if alibi else [])
+
+    def fn(q, k, v, lengths, *slopes):
+        slopes = slopes[0] if slopes else None
+        return pk.decode_attention(q, k, v, lengths, alibi_slopes=slopes, backend=backend, **features)
+
+    _compile(fn, device, *shapes)
+
+
+def _compile_prefill(device, backend, dtype, head_dim, group, kv_heads, seq, features, ragged):
+    features = dict(features)
+    features.pop("sinks", None)
+    alibi = features.pop("alibi", False)
+    heads = group * kv_heads
+    shapes = [_s(2, heads, seq, head_dim, dtype=dtype), *[_s(2, kv_heads, seq, head_dim, dtype=dtype)] * 2]
+    shapes += ([_s(2, dtype=jnp.int32)] if ragged else []) + ([_s(heads, dtype=jnp.float32)] if alibi else [])
+
+    def fn(q, k, v, *rest):
+        lengths = rest[0] if ragged else None
+        slopes = rest[-1] if alibi else None
+        return pk.flash_attention(q, k, v, lengths=lengths, alibi_slopes=slopes, backend=backend, **features)
+
+    _compile(fn, device, *shapes)
+
+
+@pytest.mark.parametrize("chip", TPU_CHIPS)
+def test_tpu_kernels_compile(chip):
+    device = _device(chip)
+    for case in _decode_cases([jnp.float32, jnp.bfloat16], [1, 4, 16]):
+        _compile_decode(device, "tpu", *case)
+    for i, (dtype, head_dim, (group, kv_heads)) in enumerate(
+        itertools.product([jnp.float32, jnp.bfloat16], [64, 128, 256], HEAD_LAYOUTS)
+    ):
+        seq = [8, 200, 1024][i % 3]
+        _compile_prefill(device, "tpu", dtype, head_dim, group, kv_heads, seq, FEATURES[i % len(FEATURES)], i % 2 == 0)
+
+
+def _compile_triton(gpu: str, every: int) -> None:
+    device = _device(gpu)
+    for i, case in enumerate(_decode_cases([jnp.float32, jnp.bfloat16, jnp.float16], [1, 16])):
+        if i % every == 0:
+            _compile_decode(device, "triton", *case)
+    for i, (dtype, head_dim) in enumerate(itertools.product([jnp.float32, jnp.bfloat16, jnp.float16], [64, 128, 256])):
+        _compile_prefill(device, "triton", dtype, head_dim, 4, 2, [200, 1024][i % 2], FEATURES[1], i % 2 == 0)
+
+
+@pytest.mark.parametrize("gpu,every", [("l4", 1), ("h100", 3), ("a100", 3)])
+def test_triton_kernels_compile(gpu, every):
+    """The Triton kernel becomes a GPU binary at XLA compile time, against this GPU's shared memory. Every
+    decode configuration for the L4 (the least shared memory: 101,376 bytes per block), a third of them
+    (every dtype, head_dim and Tq still) for H100 and A100; all of them there in the slow set."""
+    _compile_triton(gpu, every)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gpu", ["h100", "a100"])
+def test_triton_kernels_compile_all(gpu):
+    _compile_triton(gpu, 1)
+
+
+def test_triton_kernel_over_shared_memory_is_refused_by_the_compiler(monkeypatch):
+    """The premise of the GPU checks: the compile enforces the GPU's shared-memory limit (L4: 101,376
+    bytes), so a block size too large for it fails here, not on a user's GPU."""
+    monkeypatch.setattr(pk.triton, "_TILE_BYTES", 65536)
+    with pytest.raises(Exception, match="Shared memory size limit exceeded"):
+        _compile_decode(_device("l4"), "triton", jnp.float32, 128, 3, 1, 16, 2048, {})
+
+
+def test_auto_compiles_to_each_platforms_kernel():
+    """`auto` is the TPU kernel on TPU and the Triton kernel on CUDA, in the compiled programs."""
+    shapes = [_s(1, 8, 1, 128), _s(1, 2, 1024, 128), _s(1, 2, 1024, 128), _s(1, dtype=jnp.int32)]
+    for name, marker in [("v5e-1", "tpu_custom_call"), ("h100", "__gpu$xla.gpu.triton")]:
+        sharding = SingleDeviceSharding(_device(name))
+        args = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for s in shapes]
+        text = jax.jit(lambda q, k, v, n: pk.decode_attention(q, k, v, n)).lower(*args).compile().as_text()
+        assert marker in text, name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole programs: prefill + decode loop (float, int8, int4), the speculative loop and the sharded programs,
+# with abstract params, as `jaxdecode.plan` builds them.
+
+SMALL_LLAMA = jd.ModelConfig(
+    family="llama",
+    vocab_size=1024,
+    d_model=512,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+    ffn_dim=1024,
+    max_seq_len=2048,
+    tie_embeddings=False,
+)
+# Gemma 3's shape: head_dim 256, a sliding and a full layer (two windows in one program), QK-norm.
+SMALL_GEMMA3 = jd.ModelConfig(
+    family="gemma3",
+    vocab_size=1024,
+    d_model=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=256,
+    ffn_dim=512,
+    max_seq_len=2048,
+    norm_offset=1.0,
+    activation="gelu_tanh",
+    embed_scale=True,
+    sliding_window=128,
+    layer_types=("sliding", "full"),
+    rope_local_theta=10000.0,
+    qk_norm=True,
+    sandwich_norm=True,
+)
+WORKLOAD = jp.Workload(batch=4, prompt_len=256, new_tokens=32)
+PROGRAMS = [  # (config, workload changes, mesh (data, model))
+    (SMALL_LLAMA, {}, (1, 1)),
+    (SMALL_LLAMA, dict(quant="int8"), (1, 1)),
+    (SMALL_LLAMA, dict(quant="int4"), (1, 1)),
+    (SMALL_LLAMA, dict(gamma=3), (1, 1)),
+    (SMALL_LLAMA, dict(dtype="float32"), (1, 1)),
+    (SMALL_GEMMA3, {}, (1, 1)),
+    (SMALL_LLAMA, {}, (1, 4)),
+    (SMALL_LLAMA, {}, (2, 2)),
+    (SMALL_LLAMA, dict(gamma=3), (2, 2)),
+    (SMALL_LLAMA, dict(quant="int8"), (4, 1)),
+]
+
+
+def _program_id(case):
+    config, changes, (data, model) = case
+    return f"{config.family}-{'-'.join(f'{k}={v}' for k, v in changes.items()) or 'bf16'}-{data}x{model}"
+
+
+ONE_DEVICE = [case for case in PROGRAMS if case[2] == (1, 1)]
+# On one GPU, the unsharded programs except float32 and int4 (those in the slow set).
+GPU_PROGRAMS = [c for c in ONE_DEVICE if c[1].get("quant") != "int4" and c[1].get("dtype") != "float32"]
+
+
+@pytest.mark.parametrize("target,cases", [("v5e-4", PROGRAMS), ("h100", GPU_PROGRAMS), ("a100", GPU_PROGRAMS)])
+def test_generation_programs_compile(target, cases):
+    _compile_programs(target, cases)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,cases", [("h100", ONE_DEVICE), ("a100", ONE_DEVICE), ("v6e-4", PROGRAMS)])
+def test_more_generation_programs_compile(target, cases):
+    _compile_programs(target, cases)
+
+
+def _compile_programs(target, cases):
+    devices = targets.compile_only_devices(target)
+    for case in cases:
+        config, changes, (data, model) = case
+        workload = jp.Workload(**{**WORKLOAD.__dict__, **changes})
+        program, args = jp.generation_program(config, workload, devices, data, model)
+        stats = program.lower(*args).compile().memory_analysis()
+        analytic = jp.analytic_bytes(config, workload, data, model)
+        # The compiler's per-device argument bytes are the params' shard (plus a few small inputs).
+        assert analytic["params"] <= stats.argument_size_in_bytes <= 1.01 * analytic["params"] + 65536, _program_id(
+            case
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# `jaxdecode plan`.
+
+
+def test_plan_reports_the_compilers_figures_and_overflow():
+    """A workload over one v5e's HBM is refused by XLA:TPU in its own words; on four chips (model=4)
+    it fits with the compiled program's peak; the analytic estimate is within 10% of the compiled params + KV."""
+    # KV cache: 4 layers x K and V x 256 rows x 8 heads x 2048 slots x 128 x 2 bytes = 17.2 GB > 16 GiB.
+    heavy = jp.Workload(batch=256, prompt_len=1024, new_tokens=1024)
+    big = SMALL_LLAMA.replace(num_layers=4, num_kv_heads=8, head_dim=128, num_heads=8, d_model=1024, max_seq_len=4096)
+    report = jp.plan(big, "v5e-1", heavy)
+    assert report["compiled"] and not report["fits"], report
+    assert "RESOURCE_EXHAUSTED" in report["compiler_message"] and "HBM" in report["compiler_message"]
+    report = jp.plan(big, "v5e-4", heavy, mesh=(1, 4))
+    assert report["fits"] and report["mesh"] == {"data": 1, "model": 4}
+    program, args = jp.generation_program(big, heavy, targets.compile_only_devices("v5e-4"), 1, 4)
+    peak = program.lower(*args).compile().memory_analysis().peak_memory_in_bytes
+    assert report["per_device_bytes"]["peak"] == peak
+    compiled = report["per_device_bytes"]["params"] + report["per_device_bytes"]["kv_cache"]
+    analytic = report["analytic_bytes"]["params"] + report["analytic_bytes"]["kv_cache"]
+    assert abs(analytic - compiled) <= 0.1 * compiled
+    assert report["decode_tokens_per_s"] > 0
+
+
+def test_plan_cli_json_from_a_config_directory(tmp_path):
+    """`jaxdecode plan` on a directory with only a config.json; the analytic fallback when asked."""
+    (tmp_path / "config.json").write_text((jp.PRESETS / "qwen3-8b.json").read_text())
+    command = [sys.executable, "-m", "jaxdecode.cli", "plan", "--model", str(tmp_path), "--target", "h100", "--json"]
+    command += ["--batch", "1", "--context", "512", "--new-tokens", "16", "--analytic"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    keys = {"target", "mesh", "fits", "compiled", "per_device_bytes", "device_memory_bytes", "compiler_message"}
+    assert keys | {"decode_step_s", "decode_tokens_per_s"} <= set(report)
+    assert report["fits"] and not report["compiled"] and report["mesh"] == {"data": 1, "model": 1}
+    # Qwen3-8B in bf16: 8.19 G parameters, 2 bytes each.
+    assert 16.0e9 < report["per_device_bytes"]["params"] < 16.8e9
+
+
+def test_quantized_shapes_match_quantizing():
+    """`quantize_abstract` (what plan compiles) gives exactly the leaves that quantizing real weights gives."""
+    import numpy as np
+
+    from jaxdecode.model import init_params, linear_weights_to_in_out
+    from jaxdecode.quantize import quantize_params
+
+    floats = init_params(SMALL_LLAMA, jax.random.key(0))
+    for quant in ("int8", "int4"):
+        host = linear_weights_to_in_out(jax.tree.map(np.asarray, floats))  # back to the loaders' [out, in]
+        real = quantize_params(host, quant)
+        abstract = jp.abstract_params(SMALL_LLAMA, jp.Workload(dtype="float32", quant=quant))
+        same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), real, abstract)
+        assert all(jax.tree.leaves(same)) and jax.tree.structure(real) == jax.tree.structure(abstract), quant
