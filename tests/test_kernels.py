@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 import pallas_kernels as pk
 
 HEAD_LAYOUTS = [(1, 1), (3, 1), (8, 1), (4, 4)]  # (group = Hq / Hkv, Hkv): 1:1, 3:1, 8:1 GQA, MQA (Hkv = 1)
+INTERPRETED = ["interpret-tpu", "interpret-triton"]  # the TPU and the Triton kernel, in Pallas interpret mode
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
@@ -97,7 +98,20 @@ def _slopes(rng, num_heads):
 
 
 def check_decode(
-    seed, batch, heads, head_dim, q_len, capacity, lengths, splits, dtype, alibi, window, sinks, softcap=None
+    seed,
+    batch,
+    heads,
+    head_dim,
+    q_len,
+    capacity,
+    lengths,
+    splits,
+    dtype,
+    alibi,
+    window,
+    sinks,
+    softcap=None,
+    backend="interpret-tpu",
 ):
     rng = np.random.default_rng(seed)
     group, num_kv_heads = heads
@@ -114,7 +128,7 @@ def check_decode(
         window=window,
         sinks=sinks,
         softcap=softcap,
-        backend="interpret",
+        backend=backend,
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     q_pos = lengths[:, None] - q_len + np.arange(q_len)[None, :]
@@ -148,29 +162,33 @@ def decode_cases(draw):
     )
 
 
-def _max_splits(capacity, dtype):
-    """One split per KV block of the TPU kernel: the most the kernel can use."""
-    return pk.tpu.block_sizes(pk.common.Problem(1, 1, 1, 1, capacity, 64, 1.0, None, 0, None, False), dtype)[1]
+def _block_kv(capacity, head_dim, dtype, backend):
+    problem = pk.common.Problem(1, 1, 1, 1, capacity, head_dim, 1.0, None, 0, None, False)
+    if backend == "interpret-triton":
+        return pk.triton.block_sizes(problem, dtype)[1]
+    return pk.tpu.block_sizes(problem, dtype)[1]
 
 
-@settings(max_examples=40, deadline=None)
-@given(decode_cases())
-def test_decode_kernel_matches_float64_reference(case):
-    if case["splits"] == "max":
-        block_kv = _max_splits(case["capacity"], case["dtype"])
-        case["splits"] = -(-case["capacity"] // block_kv)
-    check_decode(**case)
+@pytest.mark.parametrize("backend", INTERPRETED)
+@settings(max_examples=25, deadline=None)
+@given(case=decode_cases())
+def test_decode_kernel_matches_float64_reference(backend, case):
+    if case["splits"] == "max":  # one split per KV block: the most the kernel can use
+        case["splits"] = -(-case["capacity"] // _block_kv(case["capacity"], case["head_dim"], case["dtype"], backend))
+    check_decode(**case, backend=backend)
 
 
+@pytest.mark.parametrize("backend", INTERPRETED)
 @pytest.mark.parametrize("splits", [1, 2, 3, 6])
-def test_decode_empty_chunks_and_extreme_lengths(splits):
+def test_decode_empty_chunks_and_extreme_lengths(splits, backend):
     """Lengths 1 and S with many splits: most chunks of the short row are empty and must add nothing."""
-    check_decode(0, 2, (3, 2), 64, 1, 96, [1, 96], splits, jnp.float32, False, None, 0)
+    check_decode(0, 2, (3, 2), 64, 1, 96, [1, 96], splits, jnp.float32, False, None, 0, backend=backend)
 
 
-def test_decode_streaming_view_skips_the_middle():
+@pytest.mark.parametrize("backend", INTERPRETED)
+def test_decode_streaming_view_skips_the_middle(backend):
     """sinks + window (the self-speculation draft view) over a long cache, verify-shaped queries."""
-    check_decode(1, 2, (8, 1), 64, 4, 512, [512, 300], 4, jnp.float32, False, 64, 16)
+    check_decode(1, 2, (8, 1), 64, 4, 512, [512, 300], 4, jnp.float32, False, 64, 16, backend=backend)
 
 
 def test_decode_softcap():
@@ -202,9 +220,10 @@ def prefill_cases(draw):
     )
 
 
-@settings(max_examples=25, deadline=None)
-@given(prefill_cases())
-def test_prefill_kernel_matches_float64_reference(case):
+@pytest.mark.parametrize("backend", INTERPRETED)
+@settings(max_examples=15, deadline=None)
+@given(case=prefill_cases())
+def test_prefill_kernel_matches_float64_reference(backend, case):
     rng = np.random.default_rng(case["seed"])
     group, num_kv_heads = case["heads"]
     seq, dtype, lengths = case["seq"], case["dtype"], case["lengths"]
@@ -219,7 +238,7 @@ def test_prefill_kernel_matches_float64_reference(case):
         alibi_slopes=slopes,
         window=case["window"],
         softcap=case["softcap"],
-        backend="interpret",
+        backend=backend,
     )
     kv_len = np.full(case["batch"], seq) if lengths is None else np.asarray(lengths)
     q_pos = np.broadcast_to(np.arange(seq) if case["causal"] else np.full(seq, seq), (case["batch"], seq))
@@ -261,7 +280,8 @@ LOWERING_SHAPES = [  # batch, Hq, Hkv, Tq, S, D, dtype
     (1, 4, 4, 1, 520, 64, jnp.bfloat16),  # S not a multiple of the KV block
     (1, 4, 1, 1, 1024, 256, jnp.bfloat16),  # Gemma 3 270M: MQA, head_dim 256
 ]
-MARKER = {"tpu": "tpu_custom_call", "cuda": "mosaic_gpu"}
+MARKER = {"tpu": "tpu_custom_call", "triton": "__gpu$xla.gpu.triton", "mosaic-gpu": "mosaic_gpu"}
+AUTO_KERNEL = {"tpu": "tpu", "cuda": "triton"}  # what `auto` lowers to per platform
 
 
 def _lowered(fn, platform, *args):
@@ -278,7 +298,14 @@ def _shapes(batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, dtype):
     )
 
 
-@pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu"), ("tpu", "auto"), ("cuda", "auto")])
+LOWERINGS = [("tpu", "tpu"), ("cuda", "triton"), ("cuda", "mosaic-gpu"), ("tpu", "auto"), ("cuda", "auto")]
+
+
+def _marker(platform, backend):
+    return MARKER[AUTO_KERNEL[platform] if backend == "auto" else backend]
+
+
+@pytest.mark.parametrize("platform,backend", LOWERINGS)
 @pytest.mark.parametrize("shape", LOWERING_SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
 def test_decode_kernel_lowers(platform, backend, shape):
     q, k, v = _shapes(*shape)
@@ -291,10 +318,10 @@ def test_decode_kernel_lowers(platform, backend, shape):
             q, k, v, lengths, alibi_slopes=slopes, window=256, sinks=16, softcap=50.0, backend=backend
         )
 
-    assert MARKER[platform] in _lowered(fn, platform, q, k, v, lengths, slopes)
+    assert _marker(platform, backend) in _lowered(fn, platform, q, k, v, lengths, slopes)
 
 
-@pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu"), ("tpu", "auto"), ("cuda", "auto")])
+@pytest.mark.parametrize("platform,backend", LOWERINGS)
 @pytest.mark.parametrize(
     "shape", [(1, 9, 3, 512, 64), (2, 8, 1, 1024, 128), (1, 4, 2, 200, 64), (1, 4, 1, 512, 256)], ids=str
 )
@@ -305,22 +332,27 @@ def test_prefill_kernel_lowers(platform, backend, shape):
     def fn(q, k, v):
         return pk.flash_attention(q, k, v, window=128, softcap=50.0, backend=backend)
 
-    assert MARKER[platform] in _lowered(fn, platform, q, k, v)
+    assert _marker(platform, backend) in _lowered(fn, platform, q, k, v)
 
 
 def test_auto_is_chosen_per_lowering_platform():
-    """One traced function: the TPU kernel for tpu, the GPU kernel for cuda, plain XLA for cpu; float32 on
-    CUDA falls back to XLA (no float32 tensor-core MMA)."""
+    """One traced function: the TPU kernel for tpu, the Triton kernel for cuda, plain XLA for cpu; on CUDA a
+    head_dim Triton cannot tile (not a power of two: Phi-3's 96) falls back to XLA."""
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
     traced = jax.jit(lambda q, k, v, n: pk.decode_attention(q, k, v, n))
-    for dtype, expect in [(jnp.bfloat16, {"tpu": True, "cuda": True}), (jnp.float32, {"tpu": True, "cuda": False})]:
-        args = (*_shapes(1, 9, 3, 1, 1024, 64, dtype), lengths)
+    cases = [
+        (jnp.bfloat16, 64, {"tpu": True, "cuda": True}),
+        (jnp.float32, 64, {"tpu": True, "cuda": True}),
+        (jnp.bfloat16, 96, {"tpu": True, "cuda": False}),
+    ]
+    for dtype, head_dim, expect in cases:
+        args = (*_shapes(1, 9, 3, 1, 1024, head_dim, dtype), lengths)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             texts = {p: traced.trace(*args).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda")}
         assert not any(m in texts["cpu"] for m in MARKER.values())
         for platform, has_kernel in expect.items():
-            assert (MARKER[platform] in texts[platform]) == has_kernel, (dtype, platform)
+            assert (_marker(platform, "auto") in texts[platform]) == has_kernel, (dtype, head_dim, platform)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,7 +392,7 @@ def test_bad_arguments_are_named():
 
 # ---------------------------------------------------------------------------------------------------
 # Which KV blocks each kernel reads: exactly the visible ones (checked by brute force over keys). This is
-# the logic of the GPU kernel's dynamic loop and of the TPU kernel's skipping, in plain JAX on the CPU.
+# the logic of the GPU kernels' dynamic loop and of the TPU kernel's skipping, in plain JAX on the CPU.
 
 
 def _visible_blocks_brute_force(problem, q_offset, kv_len, t_values, block_kv):
@@ -385,14 +417,16 @@ BLOCK_CASES = [  # q_len, group, capacity, window, sinks, (q_offset, kv_len) pai
 
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=str)
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_gpu_kernel_walks_exactly_the_visible_blocks(case, num_splits):
+def test_gpu_kernels_walk_exactly_the_visible_blocks(case, num_splits):
     q_len, group, capacity, window, sinks, rows = case
     problem = pk.common.Problem(1, 1, group, q_len, capacity, 64, 1.0, window, sinks, None, False)
     blocks_per_split = -(-(capacity // pk.gpu.BLOCK_KV) // num_splits)
     for q_offset, kv_len in rows:
         walked = []
         for split in range(num_splits):
-            kv_block, count = pk.gpu.split_blocks(problem, q_offset, kv_len, 0, split, blocks_per_split)
+            kv_block, count = pk.common.split_blocks(
+                problem, q_offset, kv_len, 0, split, blocks_per_split, pk.gpu.BLOCK_ROWS, pk.gpu.BLOCK_KV
+            )
             blocks = [int(kv_block(i)) for i in range(int(count))]
             assert all(split * blocks_per_split <= b < (split + 1) * blocks_per_split for b in blocks)
             walked += blocks
