@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -389,9 +390,33 @@ def _compiled(model: Model, name: str, fn: Any, statics: dict[str, Any], args: t
     # Donation by position: the wrappers take `*args`, so argument names would match nothing (and JAX
     # would silently donate nothing, copying the whole KV cache on every call).
     jitted = jax.jit(fn, static_argnames=tuple(statics), donate_argnums=donate)
-    executable = jitted.lower(*args, **statics).compile()
+    try:
+        executable = jitted.lower(*args, **statics).compile()
+    except Exception as error:
+        if statics.get("attention_impl") != "auto":
+            raise  # a kernel asked for by name fails loudly
+        executable = _compiled_with_xla_attention(name, jitted, statics, args, error)
     model.executables[key] = executable
     return executable, time.perf_counter() - start
+
+
+def _compiled_with_xla_attention(name: str, jitted: Any, statics: dict[str, Any], args: tuple, error: Exception):
+    """`auto`'s safety net on real hardware: a program whose Pallas kernel does not compile on the device at
+    hand (a Mosaic version, an unforeseen shape) is compiled with XLA attention instead, with one warning
+    naming the error. If that fails too, the error was not the kernel's: raise the original."""
+    try:
+        executable = jitted.lower(*args, **{**statics, "attention_impl": "xla"}).compile()
+    except Exception:
+        raise error from None
+    device = jax.devices()[0].device_kind
+    first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    warnings.warn(
+        f"{name}: the attention kernel did not compile on {device} ({type(error).__name__}: {first_line}); "
+        "this program runs with XLA attention instead (attention='pallas' raises the error)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return executable
 
 
 def _pad(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:

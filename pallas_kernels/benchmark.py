@@ -1,4 +1,4 @@
-"""Decode-attention benchmark: the XLA path and (on a GPU or TPU) the Pallas kernel, per context and batch.
+"""Decode-attention benchmark: the XLA path and (on a GPU or TPU) the Pallas kernels, per context and batch.
 
     python scripts/bench_kernels.py                        # the grid, on whatever JAX runs on
     jaxdecode bench --suite kernels                        # the same
@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> None:
         budget = 4e9
     else:
         budget = 0.4 * (device.memory_stats() or {}).get("bytes_limit", 16e9)
-    kernel = {"tpu": "tpu", "gpu": "gpu"}.get(jax.default_backend())
-    backends = ["xla"] + ([kernel] if kernel else [])
+    # On a GPU: the Triton kernel (what `auto` runs) and, on Hopper, the Mosaic GPU kernel beside it.
+    kernels = {"tpu": ["tpu"], "gpu": ["triton"] + (["mosaic-gpu"] if pk.mosaic_gpu_runs_here() else [])}
+    backends = ["xla", *kernels.get(jax.default_backend(), [])]
     print(
         f"device: {device.device_kind} ({jax.default_backend()}), peak HBM {peak and peak / 1e12} TB/s; "
         f"heads {num_heads}:{kv_heads}, head_dim {args.head_dim}, {args.dtype}; backends {backends}"
-        + ("" if kernel else " (the Pallas kernels run on TPU/GPU only; interpret mode is for correctness)")
+        + ("" if len(backends) > 1 else " (the Pallas kernels run on TPU/GPU only; interpret mode is for correctness)")
     )
 
     rows = []
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 extra = "" if peak is None else f", {row['peak_fraction']:.0%} of peak"
                 print(
-                    f"context {context:6d} batch {batch:3d} {backend:4s}: {seconds * 1e6:9.1f} us, "
+                    f"context {context:6d} batch {batch:3d} {backend:10s}: {seconds * 1e6:9.1f} us, "
                     f"{row['bandwidth_gb_s']:7.1f} GB/s{extra}",
                     flush=True,
                 )

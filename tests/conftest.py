@@ -6,5 +6,10 @@ import sys
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# The tests run on the CPU. With the `aot` extra installed, JAX would otherwise also try to start the CUDA
+# plugin and libtpu, find no hardware and say so at length; the compile-only TPU/CUDA devices of
+# `jaxdecode.targets` need neither started (test_compile.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # Tests import helpers (hf_models.py) from this folder.
 sys.path.insert(0, os.path.dirname(__file__))

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from cli_output import stderr_lines
+
 
 def _run(args: list[str], stdin: str | None = None, tmp_path=None) -> subprocess.CompletedProcess:
     env = None
@@ -108,4 +110,4 @@ def test_bench_bad_arguments_are_one_line(tmp_path):
     ]:
         result = _run(args, tmp_path=tmp_path)
         assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert len(stderr_lines(result.stderr)) == 1

@@ -14,6 +14,7 @@ import jaxdecode as jd
 from jaxdecode.io import sources
 from jaxdecode.io.sources import embedded_model_path
 
+from cli_output import stderr_lines
 from tiny import tiny_model
 
 
@@ -147,7 +148,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_errors_are_one_line(args, message):
     result = _cli(*args)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    lines = stderr_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("jaxdecode: error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 

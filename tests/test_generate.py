@@ -165,6 +165,33 @@ def test_pallas_kernels_in_interpret_mode_generate_the_same_tokens(model):
     assert kernels.tokens == xla.tokens
 
 
+def test_auto_falls_back_to_xla_when_a_kernel_does_not_compile(model, monkeypatch):
+    """Safe dispatch: a kernel that does not compile on the device at hand (injected here: a custom call
+    with no implementation, which lowers and then fails in XLA's compiler) makes `auto` compile that
+    program with XLA attention, with one warning naming the error per program; a backend asked for by
+    name raises the error."""
+    import jaxdecode.attention as attention
+
+    real = attention.pallas_kernels.decode_attention
+
+    def broken(q, k, v, lengths, *, backend, **kwargs):
+        if backend == "xla":
+            return real(q, k, v, lengths, backend=backend, **kwargs)
+        return jax.ffi.ffi_call("jaxdecode_kernel_that_does_not_compile", jax.ShapeDtypeStruct(q.shape, q.dtype))(q)
+
+    prompts = _prompts([3, 11, 6], seed=4)
+    expected = jd.generate(model, prompts, max_new_tokens=8, stop_ids=()).tokens
+    monkeypatch.setattr(attention.pallas_kernels, "decode_attention", broken)
+    fresh = dataclasses.replace(model, executables={})
+    with pytest.warns(
+        RuntimeWarning, match="decode_loop: the attention kernel did not compile .*kernel_that_does_not_c"
+    ):
+        assert jd.generate(fresh, prompts, max_new_tokens=8, stop_ids=()).tokens == expected
+    by_name = dataclasses.replace(model, attention="interpret", executables={})
+    with pytest.raises(Exception, match="kernel_that_does_not_compile"):
+        jd.generate(by_name, prompts, max_new_tokens=8, stop_ids=())
+
+
 def test_decode_programs_update_the_cache_in_place(model):
     """The decode loop and the streaming step donate their state: the compiled programs alias it to
     their output instead of copying the KV cache on every call."""

@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf_models import VOCAB, build, write
 
 import jaxdecode as jd
+
+from gguf_models import VOCAB, build, write
 
 # name -> whether HF transformers' GGUF loader supports it (no Gemma 1; no longrope or Llama 3.1 factors).
 CASES = {

@@ -10,6 +10,7 @@ import pytest
 
 import jaxdecode as jd
 
+from cli_output import stderr_lines
 from hf_models import VOCAB, build, hf_logits
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -69,4 +70,4 @@ def test_cli_hub_errors_are_one_line(offline_cache):
         text=True,
     )
     assert result.returncode != 0
-    assert result.stderr.strip().count("\n") == 0 and "HF_HUB_OFFLINE" in result.stderr, result.stderr
+    assert len(stderr_lines(result.stderr)) == 1 and "HF_HUB_OFFLINE" in result.stderr, result.stderr

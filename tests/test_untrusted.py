@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import jaxdecode as jd
 from jaxdecode.io.validate import ModelFileError
 
+from cli_output import stderr_lines
 from tiny import tiny_model
 
 HERE = Path(__file__).parent
@@ -90,7 +91,7 @@ def test_cli_answers_refused_mutants_with_one_line(kept, reports):
             text=True,
             timeout=300,
         )
-        lines = result.stderr.strip().splitlines()
+        lines = stderr_lines(result.stderr)
         assert result.returncode == 2, result.stderr
         assert len(lines) == 1 and lines[0].startswith("jaxdecode: error:") and str(path) in lines[0], result.stderr
         assert "Traceback" not in result.stderr
