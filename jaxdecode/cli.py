@@ -1,4 +1,4 @@
-"""Command line: `jaxdecode generate`, `chat`, `convert`, `eval-ppl`, `bench` and `plan`.
+"""Command line: `jaxdecode generate`, `chat`, `convert`, `eval-ppl`, `bench`, `plan` and `doctor`.
 
 Errors a user can fix (bad model name, missing file, bad settings) end with one line on stderr and
 exit status 2, never a traceback.
@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--quant", choices=["int8", "int4"], default=None)
     plan.add_argument("--analytic", action="store_true", help="estimate from shapes instead of compiling")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor = sub.add_parser(
+        "doctor", help="versions, devices, the attention backend auto picks, and every kernel checked against XLA"
+    )
+    doctor.add_argument("--runs", type=int, default=None, help="timed calls per kernel (default 20; 1 on CPU)")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
     bench = sub.add_parser(
         "bench", help="benchmark jaxdecode against HF transformers and llama.cpp on the embedded model"
     )
@@ -295,6 +300,19 @@ def _plan(args: argparse.Namespace) -> None:
     print(json.dumps(report) if args.json else plan.format_report(report))
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    from . import doctor
+
+    if args.runs is not None and args.runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    data = doctor.report(args.runs)
+    print(json.dumps(data) if args.json else doctor.format_report(data))
+    failed = [c for c in data["checks"] if "error" in c]
+    if failed:
+        print(f"jaxdecode doctor: {len(failed)} kernel check(s) failed (see above)", file=sys.stderr)
+        raise SystemExit(EXIT_INTERNAL)
+
+
 def _bench(args: argparse.Namespace) -> None:
     from . import bench
 
@@ -320,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval-ppl": _eval_ppl,
             "bench": _bench,
             "plan": _plan,
+            "doctor": _doctor,
         }
         commands[args.command](args)
     except KeyboardInterrupt:
