@@ -22,7 +22,7 @@ from tokenizers.decoders import DecodeStream
 from . import checkpoint, parallel
 from .attention import resolve as resolve_attention
 from .config import ModelConfig
-from .generate import decode_loop, decode_step, prefill
+from .generate import config_as_keyword, decode_loop, decode_step, prefill
 from .io.gguf import load_gguf, open_model
 from .io.hf import load_hf, read_hf_config
 from .io.sources import resolve_source
@@ -384,7 +384,7 @@ def _compiled(model: Model, name: str, fn: Any, statics: dict[str, Any], args: t
     if key in model.executables:
         return model.executables[key], 0.0
     start = time.perf_counter()
-    fn = _positional(fn)
+    fn = config_as_keyword(fn)
     if model.mesh is not None:
         fn = parallel.sharded_generate_fn(fn, model.mesh)
     # Donation by position: the wrappers take `*args`, so argument names would match nothing (and JAX
@@ -459,16 +459,6 @@ def _start(model, prompts, max_new_tokens, sampling, seed, stop_ids, extra_slots
     start = time.perf_counter()
     state = jax.block_until_ready(prefill_exe(*prefill_args))
     return encoded, arrays, statics, state, compile_s, time.perf_counter() - start, (tokens, lengths, plan)
-
-
-def _positional(fn):
-    """`fn(params, config, *rest)` as `fn(params, *rest, config=...)`, so that every static is a keyword."""
-
-    def wrapped(*args, **statics):
-        return fn(*args[:1], statics.pop("config"), *args[1:], **statics)
-
-    wrapped.__name__ = fn.__name__
-    return wrapped
 
 
 def generate(

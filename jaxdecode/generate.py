@@ -228,6 +228,17 @@ def decode_loop(
     return lax.while_loop(cond, step, state)
 
 
+def config_as_keyword(fn):
+    """`fn(params, config, *rest, **kw)` (prefill, decode_loop, ...) as `fn(params, *rest, config=..., **kw)`:
+    every static a keyword, as `jax.jit(static_argnames=...)` and `parallel.sharded_generate_fn` take them."""
+
+    def wrapped(params, *rest, config, **statics):
+        return fn(params, config, *rest, **statics)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
 def generate_tokens(
     params: Params,
     config: ModelConfig,

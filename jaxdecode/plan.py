@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import parallel, targets
 from .config import ModelConfig, config_from_hf
-from .generate import decode_loop, prefill
+from .generate import config_as_keyword, decode_loop, prefill
 from .kv_cache import init_cache
 from .model import init_params
 from .quantize import quantize_abstract
@@ -103,25 +103,18 @@ def generation_program(
     if workload.gamma is not None:
         loop, loop_statics = speculative_loop, dict(draft_config=None, gamma=workload.gamma, budget=512, sinks=16)
 
-    def positional(fn):  # fn(params, config, *rest) -> fn(params, *rest, config=...), as the shard_map wants it
-        def run(params, *rest, config, **kw):
-            return fn(params, config, *rest, **kw)
-
-        run.__name__ = fn.__name__
-        return run
-
     if data * model == 1:
         place = SingleDeviceSharding(devices[0])
         row, replicated = place, place
         param_shardings = jax.tree.map(lambda _: place, params)
-        prefill_fn, loop_fn = positional(prefill), positional(loop)
+        prefill_fn, loop_fn = config_as_keyword(prefill), config_as_keyword(loop)
     else:
         mesh = Mesh(np.asarray(devices[: data * model]).reshape(data, model), (parallel.DATA, parallel.MODEL))
         params = jax.eval_shape(partial(parallel.sharded_layout, config=config, model_size=model, xp=jnp), params)
         row, replicated = NamedSharding(mesh, P(parallel.DATA)), NamedSharding(mesh, P())
         param_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), parallel.param_specs(params))
-        prefill_fn = parallel.sharded_generate_fn(positional(prefill), mesh)
-        loop_fn = parallel.sharded_generate_fn(positional(loop), mesh)
+        prefill_fn = parallel.sharded_generate_fn(config_as_keyword(prefill), mesh)
+        loop_fn = parallel.sharded_generate_fn(config_as_keyword(loop), mesh)
 
     def abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
@@ -240,8 +233,9 @@ def plan(
     """The plan for serving `workload` with `config` on `target` (see the module docstring).
 
     mesh: (data, model); default the smallest `model` (data 1) that fits, trying the divisors of the
-    target's device count. compile: None compiles when the compilers are installed, else estimates;
-    True insists (raises `targets.TargetUnavailable`); False estimates.
+    target's device count (skipping, uncompiled, those whose params + KV cache alone exceed a chip).
+    compile: None compiles when the compilers are installed, else estimates; True insists (raises
+    `targets.TargetUnavailable`); False estimates.
     Returns the `--json` object of `jaxdecode plan` (keys in the README).
     """
     target = targets.get(target) if isinstance(target, str) else target
@@ -259,15 +253,17 @@ def plan(
             raise ValueError(f"{config.family} cannot be laid out on {target.name} ({target.devices} devices)")
     for data, model in meshes:
         estimate = analytic_bytes(config, workload, data, model)
+        resident = estimate["params"] + estimate["kv_cache"]
+        if resident > target.memory_bytes and (data, model) != meshes[-1]:
+            continue  # cannot fit by arithmetic alone: no need to compile it
         result = _compile(config, workload, target, data, model) if compile else None
         if result is None:
             per_device = {**estimate, "temp": None, "peak": None}
-            fits = estimate["params"] + estimate["kv_cache"] <= target.memory_bytes
-            message = None
+            fits, message = resident <= target.memory_bytes, None
         else:
             per_device = result["memory"] or {**estimate, "temp": None, "peak": None}
             fits, message = result["fits"], result["compiler_message"]
-        if fits or (data, model) == meshes[-1]:
+        if fits:
             break
     step_s = roofline(config, workload, target, estimate, data, model)
     return {

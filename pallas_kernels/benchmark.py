@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         budget = 0.4 * (device.memory_stats() or {}).get("bytes_limit", 16e9)
     # On a GPU: the Triton kernel (what `auto` runs) and, on Hopper, the Mosaic GPU kernel beside it.
-    kernels = {"tpu": ["tpu"], "gpu": ["triton"] + (["mosaic-gpu"] if pk.mosaic_gpu_runs_here() else [])}
+    # JAX's own Triton decode kernel ("jax-ops") runs beside them, on the same shapes.
+    kernels = {"tpu": ["tpu"], "gpu": ["triton", "jax-ops"] + (["mosaic-gpu"] if pk.mosaic_gpu_runs_here() else [])}
     backends = ["xla", *kernels.get(jax.default_backend(), [])]
     print(
         f"device: {device.device_kind} ({jax.default_backend()}), peak HBM {peak and peak / 1e12} TB/s; "
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
                     "device": device.device_kind,
                     "batch": batch,
                     "context": context,
-                    "num_splits": None if backend == "xla" else pk.default_num_splits(problem, backend, dtype),
+                    "num_splits": None
+                    if backend in ("xla", "jax-ops")
+                    else pk.default_num_splits(problem, backend, dtype),
                     "seconds": seconds,
                     "kv_bytes": size,
                     "bandwidth_gb_s": size / seconds / 1e9,

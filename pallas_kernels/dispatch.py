@@ -8,8 +8,10 @@ Backends:
 - "tpu": the Mosaic TPU kernel; "triton": the Triton kernel (Ampere and newer); "mosaic-gpu": the
   Hopper-only Mosaic GPU kernel, by name only (see `gpu.py` and the README). Each lowers only for its
   own platform.
-- "interpret-tpu" (alias "interpret"), "interpret-triton": that kernel in Pallas interpret mode; runs
-  anywhere, slowly (the numerics tests on CPU).
+- "jax-ops": the kernels JAX ships (`jax_ops.py`: Triton decode and prefill on CUDA), our peers, where
+  their features cover the call (else a ValueError naming what they lack).
+- "interpret-tpu" (alias "interpret"), "interpret-triton", "interpret-jax-ops": that kernel in Pallas
+  interpret mode; runs anywhere, slowly (the numerics tests on CPU).
 """
 
 from __future__ import annotations
@@ -20,10 +22,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import common, gpu, reference, tpu, triton
+from . import common, gpu, jax_ops, reference, tpu, triton
 from .common import Problem
 
-BACKENDS = ("auto", "xla", "tpu", "triton", "mosaic-gpu", "interpret-tpu", "interpret-triton", "interpret")
+BACKENDS = (
+    "auto",
+    "xla",
+    "tpu",
+    "triton",
+    "mosaic-gpu",
+    "jax-ops",
+    "interpret-tpu",
+    "interpret-triton",
+    "interpret-jax-ops",
+    "interpret",
+)
 _ALIASES = {"interpret": "interpret-tpu"}
 _H100_SMS = 132  # CUDA cores count for the split heuristic when lowering for a GPU we cannot query
 
@@ -96,6 +109,14 @@ def _attend(
         return reference.attend(q, k, v, q_positions, kv_len, problem, alibi_slopes)
 
     args = (q, k, v, q_offset, kv_len, alibi_slopes)
+    if _kernel_of(backend) == "jax-ops":
+        if not jax_ops.supports(problem, q.dtype, causal_prefill):
+            raise ValueError(
+                "JAX's own kernels (backend='jax-ops') cover causal prefill and one-query decoding without ALiBi, "
+                f"window or softcap, with a power-of-two head_dim; this call is {problem}"
+            )
+        attend = jax_ops.prefill if causal_prefill else jax_ops.decode
+        return attend(q, k, v, kv_len, problem, interpret=backend.startswith("interpret"))
     if backend == "auto":
         cuda = kernel("triton") if triton.supports(problem, q.dtype) else xla
         return lax.platform_dependent(*args, tpu=kernel("tpu"), cuda=cuda, default=xla)

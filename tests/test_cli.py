@@ -114,11 +114,12 @@ def test_bench_bad_arguments_are_one_line(tmp_path):
 
 
 def test_doctor_checks_every_kernel_here(tmp_path):
-    """On CPU `jaxdecode doctor` runs both kernels in interpret mode against XLA (decode, verify, prefill)."""
+    """On CPU `jaxdecode doctor` runs our two kernels and JAX's own in interpret mode against XLA (decode,
+    verify, prefill)."""
     result = _run(["doctor", "--json"], tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["platform"] == "cpu" and data["versions"]["jax"]
-    assert {c["backend"] for c in data["checks"]} == {"interpret-tpu", "interpret-triton"}
+    assert {c["backend"] for c in data["checks"]} == {"interpret-tpu", "interpret-triton", "interpret-jax-ops"}
     for check in data["checks"]:
         assert "error" not in check and check["max_abs_error"] < 1e-5 and check["seconds"] > 0, check

@@ -137,6 +137,18 @@ def test_triton_kernels_compile_all(gpu):
     _compile_triton(gpu, 1)
 
 
+@pytest.mark.parametrize("gpu", GPUS)
+def test_jax_ops_peers_compile(gpu):
+    """JAX's own Triton kernels (backend "jax-ops") on the shapes the numerics tests give them."""
+    device = _device(gpu)
+    for dtype, (group, kv_heads), capacity in itertools.product(
+        [jnp.float32, jnp.bfloat16], [(1, 1), (8, 1), (4, 4)], [256, 4096]
+    ):
+        _compile_decode(device, "jax-ops", dtype, 128, group, kv_heads, 1, capacity, {})
+    for dtype in (jnp.float32, jnp.bfloat16):
+        _compile_prefill(device, "jax-ops", dtype, 128, 4, 2, 1024, {}, True)
+
+
 def test_triton_kernel_over_shared_memory_is_refused_by_the_compiler(monkeypatch):
     """The premise of the GPU checks: the compile enforces the GPU's shared-memory limit (L4: 101,376
     bytes), so a block size too large for it fails here, not on a user's GPU."""

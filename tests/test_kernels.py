@@ -258,6 +258,31 @@ def test_prefill_kernel_matches_float64_reference(backend, case):
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads", HEAD_LAYOUTS)
+def test_jax_ops_peers_match_float64_reference(heads, dtype):
+    """JAX's own kernels (backend "jax-ops": Triton decode and prefill), in interpret mode, under the same
+    rule as ours, on the cases they cover (one query per row; causal prefill; ragged lengths)."""
+    group, num_kv_heads = heads
+    check_decode(3, 3, heads, 64, 1, 256, [1, 256, 100], None, dtype, False, None, 0, backend="interpret-jax-ops")
+    rng = np.random.default_rng(5)
+    q, k, v = _inputs(rng, 2, group, num_kv_heads, 128, 128, 128, dtype)
+    lengths = np.array([128, 70], np.int32)
+    out = pk.flash_attention(q, k, v, lengths=jnp.asarray(lengths), backend="interpret-jax-ops")
+    q_pos = np.broadcast_to(np.arange(128), (2, 128))
+    valid = np.arange(128)[None, :] < lengths[:, None]
+    check_against_reference(out, q, k, v, q_pos, lengths, valid, scale=128**-0.5)
+
+
+def test_jax_ops_refuse_what_they_do_not_cover():
+    q, kv = jnp.zeros((1, 4, 1, 64)), jnp.zeros((1, 2, 256, 64))
+    for features in (dict(window=16), dict(softcap=5.0), dict(alibi_slopes=jnp.zeros(4))):
+        with pytest.raises(ValueError, match="JAX's own kernels"):
+            pk.decode_attention(q, kv, kv, jnp.array([9]), backend="interpret-jax-ops", **features)
+    with pytest.raises(ValueError, match="JAX's own kernels"):  # a verify block: 4 queries per row
+        pk.decode_attention(jnp.zeros((1, 4, 4, 64)), kv, kv, jnp.array([9]), backend="interpret-jax-ops")
+
+
 def test_interpret_mode_poisons_outputs():
     """The premise of the NaN check above: interpret mode starts outputs as NaN, so skipped writes show."""
 
