@@ -10,8 +10,6 @@ that fails to compile or run is reported with its error, and the rest still run.
 from __future__ import annotations
 
 import importlib.metadata
-import statistics
-import time
 from typing import Any
 
 import jax
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from pallas_kernels.benchmark import time_call
 
 # (label, batch, query heads, KV heads, Tq, KV length, head_dim): SmolLM2's and a Llama-3-8B-like decode,
 # Gemma 3's head_dim, a speculative verify block; and a prefill.
@@ -65,16 +64,6 @@ def auto_choice(head_dim: int) -> str:
     return "xla (no Pallas kernel compiles for CPU; `interpret` runs them slowly)"
 
 
-def _time(fn, args, runs: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def check_kernel(backend: str, shape: tuple, prefill: bool, runs: int, dtype: Any) -> dict[str, Any] | None:
     """One kernel on one shape against XLA: max |kernel - xla|, seconds per call, K/V GB/s (None: the
     kernel does not take such calls)."""
@@ -106,7 +95,7 @@ def check_kernel(backend: str, shape: tuple, prefill: bool, runs: int, dtype: An
     try:
         expected = np.asarray(run("xla")(*args), np.float32)
         out = np.asarray(run(backend)(*args), np.float32)
-        seconds = _time(run(backend), args, runs)
+        seconds = time_call(run(backend), args, runs)
     except Exception as error:  # noqa: BLE001 - reported, and the other kernels still run
         first = next((line for line in str(error).splitlines() if line.strip()), "")
         return {**row, "error": f"{type(error).__name__}: {first[:300]}"}

@@ -41,7 +41,7 @@ class Target:
 
     @property
     def gpu_config(self) -> Path | None:
-        return _GPU_TARGETS / f"{self.name}.txtpb" if self.platform == "cuda" else None
+        return _GPU_TARGETS / f"{self.name.split('-')[0]}.txtpb" if self.platform == "cuda" else None
 
 
 def _tpu(name: str, devices: int, topology: str, memory_gib: int, bandwidth: float, bf16: float, kind: str) -> Target:
@@ -56,12 +56,13 @@ def _gpu_fact(name: str, field: str) -> int:
     raise KeyError(f"{field} missing from gpu_targets/{name}.txtpb")
 
 
-def _gpu(name: str, bf16: float, description: str) -> Target:
+def _gpu(name: str, bf16: float, description: str, devices: int = 1) -> Target:
+    """`devices` GPUs of one host (topology `1x1xN`: one process, N GPUs), named `name` or `name-N`."""
     return Target(
-        name,
+        name if devices == 1 else f"{name}-{devices}",
         "cuda",
-        1,
-        "1x1x1",
+        devices,
+        f"1x1x{devices}",
         _gpu_fact(name, "device_memory_size"),
         float(_gpu_fact(name, "memory_bandwidth")),
         bf16,
@@ -86,6 +87,9 @@ TARGETS: dict[str, Target] = {
         _gpu("h100", 989e12, "NVIDIA H100 SXM 80GB (sm_90)"),
         _gpu("a100", 312e12, "NVIDIA A100 SXM4 80GB (sm_80)"),
         _gpu("l4", 121e12, "NVIDIA L4 24GB (sm_89, Colab)"),
+        # One 8-GPU host (an HGX / DGX node): tensor parallelism over NVLink.
+        _gpu("h100", 989e12, "8x NVIDIA H100 SXM 80GB (sm_90)", devices=8),
+        _gpu("a100", 312e12, "8x NVIDIA A100 SXM4 80GB (sm_80)", devices=8),
     ]
 }
 

@@ -193,6 +193,16 @@ def score_block(problem: Problem, scores, q_pos, key_pos, kv_len, slope):
     return jnp.where(mask, scores, MASKED), mask
 
 
+def finish_rows(acc: jax.Array, m: jax.Array, total: jax.Array, out_dtype) -> tuple[jax.Array, jax.Array]:
+    """A split's online-softmax state -> its output and log-sum-exp: acc float32 `[R, D]`, m and total
+    float32 `[R, 1]` -> (`acc / total` in out_dtype, lse `[R, 1]`). A row that saw no key in this split
+    (total 0) gives output 0 and lse -inf, so the combine ignores it."""
+    seen = total > 0
+    safe_total = jnp.where(seen, total, 1.0)
+    out = (acc * jnp.where(seen, 1.0 / safe_total, 0.0)).astype(out_dtype)
+    return out, jnp.where(seen, m + jnp.log(safe_total), -jnp.inf)
+
+
 def combine_splits(out: jax.Array, lse: jax.Array) -> jax.Array:
     """Merge split-KV partials: out float32 `[N, splits, R, D]` (each normalised within its split),
     lse float32 `[N, splits, R]` (-inf for a split that saw no key) -> `[N, R, D]`.

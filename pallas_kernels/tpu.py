@@ -101,11 +101,7 @@ def _kernel(
 
     @pl.when(step == blocks_per_split - 1)
     def _finish():
-        total = l_scratch[...]
-        seen = total > 0  # a row that saw no key in this split: output 0, lse -inf
-        safe_total = jnp.where(seen, total, 1.0)
-        out_ref[...] = (acc_scratch[...] * jnp.where(seen, 1.0 / safe_total, 0.0)).astype(out_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_scratch[...] + jnp.log(safe_total), -jnp.inf)
+        out_ref[...], lse_ref[...] = common.finish_rows(acc_scratch[...], m_scratch[...], l_scratch[...], out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "num_splits", "interpret"))

@@ -109,10 +109,9 @@ def _kernel(
     total = jnp.zeros((block_rows,), jnp.float32)
     acc, m, total = lax.fori_loop(0, count, step, (acc, m, total))
 
-    seen = total > 0  # a row that saw no key in this split: output 0, lse -inf
-    safe_total = jnp.where(seen, total, 1.0)
-    out_ref[...] = (acc * jnp.where(seen, 1.0 / safe_total, 0.0)[:, None]).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_total), -jnp.inf)
+    out, lse = common.finish_rows(acc, m[:, None], total[:, None], out_ref.dtype)
+    out_ref[...] = out
+    lse_ref[...] = lse[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "num_splits", "interpret"))

@@ -224,17 +224,22 @@ def _program_id(case):
 
 
 ONE_DEVICE = [case for case in PROGRAMS if case[2] == (1, 1)]
+SHARDED = [case for case in PROGRAMS if case[2] != (1, 1)]
 # On one GPU, the unsharded programs except float32 and int4 (those in the slow set).
 GPU_PROGRAMS = [c for c in ONE_DEVICE if c[1].get("quant") != "int4" and c[1].get("dtype") != "float32"]
 
 
-@pytest.mark.parametrize("target,cases", [("v5e-4", PROGRAMS), ("h100", GPU_PROGRAMS), ("a100", GPU_PROGRAMS)])
+@pytest.mark.parametrize(
+    "target,cases", [("v5e-4", PROGRAMS), ("h100", GPU_PROGRAMS), ("a100", GPU_PROGRAMS), ("h100-8", SHARDED)]
+)
 def test_generation_programs_compile(target, cases):
     _compile_programs(target, cases)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target,cases", [("h100", ONE_DEVICE), ("a100", ONE_DEVICE), ("v6e-4", PROGRAMS)])
+@pytest.mark.parametrize(
+    "target,cases", [("h100", ONE_DEVICE), ("a100", ONE_DEVICE), ("a100-8", SHARDED), ("v6e-4", PROGRAMS)]
+)
 def test_more_generation_programs_compile(target, cases):
     _compile_programs(target, cases)
 
