@@ -120,9 +120,13 @@ def _topology(target: Target):
         config = target.gpu_config.read_text()
         return topologies.get_topology_desc(platform="cuda", topology=target.topology, target_config=config)
     # Without these libtpu probes for the TPU host it is not on (metadata server, worker names) and says
-    # so at length; a compile-only topology needs neither. Set only where the user has not.
+    # so at length; a compile-only topology needs neither. And libtpu takes a lock file that keeps a second
+    # process from loading it (two TPU owners would collide): compiling without devices owns nothing, so
+    # several processes may compile side by side. Set only where the user has not.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if jax.default_backend() != "tpu":
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
 
 
@@ -142,6 +146,7 @@ def compile_only_devices(target: Target | str) -> list:
     except Exception as error:  # the plugin exists but cannot start (e.g. a version other than jax's)
         raise TargetUnavailable(
             f"cannot start the {target.platform} compiler for {target.name} (jax {jax.__version__}): "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; reinstall with {AOT_INSTALL}"
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__} (the compilers come with "
+            f"{AOT_INSTALL}, at jax's version)"
         ) from error
     return list(topology.devices)[: target.devices]
