@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
 
 
+@pytest.mark.slow  # about 100 s: it runs the whole quickstart on SmolLM2 (the CLI and API tests cover its calls)
 def test_quickstart_notebook_runs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3").execute()

@@ -378,6 +378,7 @@ def test_cli_bad_inputs(tmp_path, args, message):
     assert result.stderr.strip().splitlines()[-1].startswith("jaxdecode: error:")
 
 
+@pytest.mark.slow  # about 50 s (two CLI runs on SmolLM2); convert and perplexity are covered through the API
 def test_cli_convert_and_eval_ppl(tmp_path):
     text = tmp_path / "text.txt"
     from pydoc_data.topics import topics

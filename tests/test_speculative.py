@@ -137,6 +137,7 @@ def test_streaming_view_really_differs_from_the_full_cache():
     np.testing.assert_array_equal(short.keys[0][0, :, :9], cache.keys[0][0, :, :9])  # <= budget: everything
 
 
+@pytest.mark.slow  # the draft path stays in the default set through tiny models (the distribution test below)
 def test_draft_model_greedy_equals_plain_greedy(smollm2):
     draft_config = jd.ModelConfig(
         family="llama",
