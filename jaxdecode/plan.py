@@ -185,7 +185,7 @@ def _matmul_params(config: ModelConfig) -> int:
         if (name == "weight" and len(leaf.shape) == 2) or name == "lm_head":
             total += int(np.prod(leaf.shape))
     if config.tie_embeddings:
-        total += config.vocab_size * config.hidden_size
+        total += config.vocab_size * config.d_model
     return total
 
 

@@ -81,6 +81,7 @@ def markdown(reports: list[dict]) -> str:
     for r in sorted(reports, key=lambda r: order[(r["model"], r["target"], r["workload"]["quant"])]):
         b, mesh = r["per_device_bytes"], r["mesh"]
         fits = "yes" if r["fits"] else "**no**" + (" (HBM)" if r["compiler_message"] else "")
+        fits += "" if r["compiled"] else "*"  # params + KV cache only: no temporaries without the compiler
         sizes = " / ".join(gib(b[k]) for k in ("params", "kv_cache", "temp", "peak"))
         speed = f"{r['decode_tokens_per_s']:.0f}" if r["fits"] else "-"
         weights = r["workload"]["quant"] or "bf16"

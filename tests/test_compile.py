@@ -325,6 +325,8 @@ def test_without_the_compilers_plan_estimates_and_says_so(monkeypatch):
     report = jp.plan(SMALL_LLAMA, "v5e-4", WORKLOAD)
     assert not report["compiled"] and "not installed" in report["note"] and report["per_device_bytes"]["peak"] is None
     assert report["fits"] and report["mesh"] == {"data": 1, "model": 1}  # the smallest model axis that fits
+    tied = jp.plan(SMALL_GEMMA3, "h100", WORKLOAD)  # tied embeddings: the LM head is the embedding
+    assert tied["decode_tokens_per_s"] > 0 and not tied["compiled"]
 
 
 @pytest.mark.slow  # three compiles of a 32-layer 8B program: about three minutes
