@@ -193,7 +193,9 @@ def roofline(
     config: ModelConfig, workload: Workload, target: Target, bytes_: dict[str, int], data: int, model: int
 ) -> float:
     """Seconds per decode step on one device of the mesh: max(bytes read / HBM bandwidth, FLOPs / peak).
-    Bytes: the device's params and its KV cache at the mean length of the decode."""
+    Bytes: the device's params and its KV cache at the mean length of the decode. (All params: a step
+    reads only B rows of an untied embedding table, so this overstates the bytes by its share, 1/16 for
+    Llama-3.1-8B.)"""
     mean_len = workload.prompt_len + workload.new_tokens / 2
     kv_read = bytes_["kv_cache"] * mean_len / workload.cache_len
     seconds_bytes = (bytes_["params"] + kv_read) / target.bandwidth
