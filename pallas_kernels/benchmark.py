@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     # JAX's own Triton decode kernel ("jax-ops") runs beside them, on the same shapes.
     kernels = {"tpu": ["tpu"], "gpu": ["triton", "jax-ops"] + (["mosaic-gpu"] if pk.mosaic_gpu_runs_here() else [])}
     backends = ["xla", *kernels.get(jax.default_backend(), [])]
+    if dtype == jnp.float32:  # JAX's own kernels take 16-bit inputs only
+        backends = [b for b in backends if b != "jax-ops"]
     print(
         f"device: {device.device_kind} ({jax.default_backend()}), peak HBM {peak and peak / 1e12} TB/s; "
         f"heads {num_heads}:{kv_heads}, head_dim {args.head_dim}, {args.dtype}; backends {backends}"

@@ -113,7 +113,8 @@ def _attend(
         if not jax_ops.supports(problem, q.dtype, causal_prefill):
             raise ValueError(
                 "JAX's own kernels (backend='jax-ops') cover causal prefill and one-query decoding without ALiBi, "
-                f"window or softcap, with a power-of-two head_dim; this call is {problem}"
+                f"window or softcap, in bfloat16/float16 with a power-of-two head_dim; this call is {q.dtype} "
+                f"{problem}"
             )
         attend = jax_ops.prefill if causal_prefill else jax_ops.decode
         return attend(q, k, v, kv_len, problem, interpret=backend.startswith("interpret"))

@@ -5,7 +5,8 @@ problem and semantics, as backend "jax-ops" ("interpret-jax-ops" in interpret mo
 - prefill on CUDA: `ops.gpu.attention.mha`, Triton FlashAttention (causal; ragged lengths as segment ids).
 
 They cover less than ours (`supports`): one query per row when decoding (no speculative verify block), no
-ALiBi, no window or sinks, no softcap, and `mha` has no GQA (K/V heads are repeated for it, a copy of K/V).
+ALiBi, no window or sinks, no softcap, 16-bit inputs only (in float32 their blocks overflow shared memory),
+and `mha` has no GQA (K/V heads are repeated for it, a copy of K/V).
 JAX's TPU kernels (`ops.tpu.flash_attention`, `splash_attention`, `ragged_paged_attention`) are not here:
 the first two have no GQA and no ragged lengths in our layout, the third reads a paged cache, and none runs
 in interpret mode on a CPU in jax 0.10.2, so none could be checked here against the float64 reference.
@@ -39,7 +40,10 @@ def _decode_splits(capacity: int) -> int | None:
 
 def supports(problem: Problem, dtype, prefill: bool) -> bool:
     plain = problem.window is None and problem.softcap is None and not problem.has_alibi
-    common_ok = plain and _power_of_two(problem.head_dim) and jnp.dtype(dtype) != jnp.dtype(jnp.float64)
+    # 16-bit inputs only: with float32 their default blocks exceed a GPU's shared memory (the compile checks:
+    # prefill on H100, A100 and L4, e.g. 262,656 > 232,448 bytes on the H100; decode at 4k context on the L4).
+    sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    common_ok = plain and _power_of_two(problem.head_dim) and sixteen_bit
     if prefill:
         seq = problem.kv_capacity
         return common_ok and (seq % _PREFILL_BLOCK == 0 or (seq < _PREFILL_BLOCK and _power_of_two(seq)))

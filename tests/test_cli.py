@@ -122,4 +122,5 @@ def test_doctor_checks_every_kernel_here(tmp_path):
     assert data["platform"] == "cpu" and data["versions"]["jax"]
     assert {c["backend"] for c in data["checks"]} == {"interpret-tpu", "interpret-triton", "interpret-jax-ops"}
     for check in data["checks"]:
-        assert "error" not in check and check["max_abs_error"] < 1e-5 and check["seconds"] > 0, check
+        tolerance = 1e-5 if check["dtype"] == "float32" else 3e-2  # jax-ops run in bfloat16
+        assert "error" not in check and check["max_abs_error"] < tolerance and check["seconds"] > 0, check

@@ -141,13 +141,15 @@ def test_triton_kernels_compile_all(gpu):
 
 @pytest.mark.parametrize("gpu", GPUS)
 def test_jax_ops_peers_compile(gpu):
-    """JAX's own Triton kernels (backend "jax-ops") on the shapes the numerics tests give them."""
+    """JAX's own Triton kernels (backend "jax-ops") in the 16-bit dtypes they take. (In float32 their default
+    blocks overflow shared memory: prefill on all three GPUs, 4k-context decode on the L4; `jax_ops.supports`
+    refuses float32 for that reason.)"""
     device = _device(gpu)
     for dtype, (group, kv_heads), capacity in itertools.product(
-        [jnp.float32, jnp.bfloat16], [(1, 1), (8, 1), (4, 4)], [256, 4096]
+        [jnp.float16, jnp.bfloat16], [(1, 1), (8, 1), (4, 4)], [256, 4096]
     ):
         _compile_decode(device, "jax-ops", dtype, 128, group, kv_heads, 1, capacity, {})
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype in (jnp.float16, jnp.bfloat16):
         _compile_prefill(device, "jax-ops", dtype, 128, 4, 2, 1024, {}, True)
 
 

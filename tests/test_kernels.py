@@ -258,12 +258,12 @@ def test_prefill_kernel_matches_float64_reference(backend, case):
     )
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("heads", HEAD_LAYOUTS)
-def test_jax_ops_peers_match_float64_reference(heads, dtype):
+def test_jax_ops_peers_match_float64_reference(heads):
     """JAX's own kernels (backend "jax-ops": Triton decode and prefill), in interpret mode, under the same
     rule as ours, on the cases they cover (one query per row; causal prefill; ragged lengths)."""
     group, num_kv_heads = heads
+    dtype = jnp.bfloat16  # they take 16-bit inputs only (see jax_ops.supports)
     check_decode(3, 3, heads, 64, 1, 256, [1, 256, 100], None, dtype, False, None, 0, backend="interpret-jax-ops")
     rng = np.random.default_rng(5)
     q, k, v = _inputs(rng, 2, group, num_kv_heads, 128, 128, 128, dtype)
@@ -275,12 +275,14 @@ def test_jax_ops_peers_match_float64_reference(heads, dtype):
 
 
 def test_jax_ops_refuse_what_they_do_not_cover():
-    q, kv = jnp.zeros((1, 4, 1, 64)), jnp.zeros((1, 2, 256, 64))
+    q, kv = jnp.zeros((1, 4, 1, 64), jnp.bfloat16), jnp.zeros((1, 2, 256, 64), jnp.bfloat16)
     for features in (dict(window=16), dict(softcap=5.0), dict(alibi_slopes=jnp.zeros(4))):
         with pytest.raises(ValueError, match="JAX's own kernels"):
             pk.decode_attention(q, kv, kv, jnp.array([9]), backend="interpret-jax-ops", **features)
     with pytest.raises(ValueError, match="JAX's own kernels"):  # a verify block: 4 queries per row
-        pk.decode_attention(jnp.zeros((1, 4, 4, 64)), kv, kv, jnp.array([9]), backend="interpret-jax-ops")
+        pk.decode_attention(jnp.zeros((1, 4, 4, 64), jnp.bfloat16), kv, kv, jnp.array([9]), backend="interpret-jax-ops")
+    with pytest.raises(ValueError, match="JAX's own kernels"):  # float32
+        pk.decode_attention(q.astype(jnp.float32), *[kv.astype(jnp.float32)] * 2, jnp.array([9]), backend="jax-ops")
 
 
 def test_interpret_mode_poisons_outputs():
