@@ -272,10 +272,11 @@ def _compile_programs(target, cases):
 def test_plan_reports_the_compilers_figures_and_overflow():
     """A workload over one v5e's HBM is refused by XLA:TPU in its own words; on four chips (model=4)
     it fits with the compiled program's peak; the analytic estimate is within 10% of the compiled params + KV."""
-    # KV cache: 4 layers x K and V x 320 rows x 8 heads x 2048 slots x 128 x 2 bytes = 20 GiB > 16 GiB.
-    heavy = jp.Workload(batch=320, prompt_len=1024, new_tokens=1024)
+    # KV cache: 4 layers x K and V x 640 rows x 8 heads x 2048 slots x 128 x 2 bytes = 20 GiB > 16 GiB.
+    heavy = jp.Workload(batch=640, prompt_len=1024, new_tokens=1024)
     big = SMALL_LLAMA.replace(num_layers=4, num_kv_heads=8, head_dim=128, num_heads=8, d_model=1024, max_seq_len=4096)
     report = jp.plan(big, "v5e-1", heavy)
+    assert report["analytic_bytes"]["kv_cache"] == 20 * 2**30
     assert report["compiled"] and not report["fits"], report
     assert "RESOURCE_EXHAUSTED" in report["compiler_message"] and "HBM" in report["compiler_message"]
     report = jp.plan(big, "v5e-4", heavy, mesh=(1, 4))
