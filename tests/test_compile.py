@@ -125,7 +125,7 @@ def _compile_triton(gpu: str, every: int) -> None:
         _compile_prefill(device, "triton", dtype, head_dim, 4, 2, [200, 1024][i % 2], FEATURES[1], i % 2 == 0)
 
 
-@pytest.mark.parametrize("gpu,every", [("l4", 2), ("h100", 6), ("a100", 6)])
+@pytest.mark.parametrize("gpu,every", [("l4", 2), ("h100", 6), pytest.param("a100", 6, marks=pytest.mark.slow)])
 def test_triton_kernels_compile(gpu, every):
     """The Triton kernel becomes a GPU binary at XLA compile time, against this GPU's shared memory. Every
     other decode configuration for the L4 (the least shared memory: 101,376 bytes per block), every sixth
@@ -237,7 +237,13 @@ A100_PROGRAMS = [c for c in GPU_PROGRAMS if c[0] is SMALL_LLAMA and "gamma" not 
 
 
 @pytest.mark.parametrize(
-    "target,cases", [("v5e-4", TPU_PROGRAMS), ("h100", GPU_PROGRAMS), ("a100", A100_PROGRAMS), ("h100-8", SHARDED)]
+    "target,cases",
+    [
+        ("v5e-4", TPU_PROGRAMS),
+        ("h100", GPU_PROGRAMS),
+        ("a100", A100_PROGRAMS),
+        pytest.param("h100-8", SHARDED, marks=pytest.mark.slow),
+    ],
 )
 def test_generation_programs_compile(target, cases):
     _compile_programs(target, cases)
@@ -281,9 +287,8 @@ def test_plan_reports_the_compilers_figures_and_overflow():
     assert "RESOURCE_EXHAUSTED" in report["compiler_message"] and "HBM" in report["compiler_message"]
     report = jp.plan(big, "v5e-4", heavy, mesh=(1, 4))
     assert report["fits"] and report["mesh"] == {"data": 1, "model": 4}
-    program, args = jp.generation_program(big, heavy, targets.compile_only_devices("v5e-4"), 1, 4)
-    peak = program.lower(*args).compile().memory_analysis().peak_memory_in_bytes
-    assert report["per_device_bytes"]["peak"] == peak
+    # (That the peak is the compiled program's own `memory_analysis` is checked by recompiling in the slow
+    # `test_plan_llama_3_1_8b`.)
     compiled = report["per_device_bytes"]["params"] + report["per_device_bytes"]["kv_cache"]
     analytic = report["analytic_bytes"]["params"] + report["analytic_bytes"]["kv_cache"]
     assert abs(analytic - compiled) <= 0.1 * compiled

@@ -66,7 +66,20 @@ def test_tiny_gqa_model_on_meshes(tiny, data, model_size):
     _check_mesh(tiny, data, model_size, _tokens(3, 11, TINY.vocab_size), PROMPTS_FOR_MESH)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_bigcode", "falcon", "bloom", "mpt"])
+# Falcon and GPT-BigCode (MQA, like the tiny GQA model's replicated KV head) run in the slow set.
+SLOW_FAMILY = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "llama",
+        pytest.param("gpt_bigcode", marks=SLOW_FAMILY),
+        pytest.param("falcon", marks=SLOW_FAMILY),
+        "bloom",
+        "mpt",
+    ],
+)
 def test_families_on_meshes(family, tmp_path):
     """GQA (llama), MQA (gpt_bigcode, falcon: one KV head replicated on every shard), ALiBi with 6 heads
     (bloom, mpt: each shard takes its heads' slopes), on every mesh the model divides."""
