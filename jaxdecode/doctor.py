@@ -59,8 +59,7 @@ def auto_choice(head_dim: int) -> str:
     if platform == "tpu":
         return "tpu (Mosaic TPU kernel)"
     if platform == "gpu":
-        power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-        return "triton" if power_of_two else "xla (Triton tiles need a power-of-two head_dim)"
+        return "triton" if pk.common.triton_tileable(head_dim) else "xla (Triton tiles need a power-of-two head_dim)"
     return "xla (no Pallas kernel compiles for CPU; `interpret` runs them slowly)"
 
 

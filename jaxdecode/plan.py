@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from . import parallel, targets
+from .api import DTYPES, load_config
 from .config import ModelConfig, config_from_hf
 from .generate import config_as_keyword, decode_loop, prefill
 from .kv_cache import init_cache
@@ -39,7 +40,6 @@ from .speculative import speculative_loop
 from .targets import Target
 
 PRESETS = Path(__file__).parent / "presets"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def preset_names() -> list[str]:
@@ -303,8 +303,6 @@ def load_plan_config(source: str) -> ModelConfig:
     """A preset name (`preset_names()`), or anything `jaxdecode.load` takes, read without its weights."""
     if source.lower() in preset_names():
         return config_from_hf(json.loads((PRESETS / f"{source.lower()}.json").read_text()))
-    from .api import load_config
-
     return load_config(source)
 
 

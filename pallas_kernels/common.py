@@ -47,6 +47,11 @@ class Problem:
         return self.group * self.q_len
 
 
+def triton_tileable(n: int) -> bool:
+    """Whether a dimension can be a Triton tile: a power of two, at least `tl.dot`'s 16."""
+    return n >= 16 and n & (n - 1) == 0
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -19,21 +19,17 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 from jax.experimental.pallas.ops.gpu import decode_attention as gpu_decode
 
-from .common import Problem
+from .common import Problem, triton_tileable
 
 _SPLITS = (16, 8, 4, 2, 1)
 _PREFILL_BLOCK = 128  # mha's default block_q / block_k
-
-
-def _power_of_two(n: int) -> bool:
-    return n >= 16 and n & (n - 1) == 0
 
 
 def _decode_splits(capacity: int) -> int | None:
     """A k_splits `gqa` accepts: S splits evenly into chunks of >= 16 keys, each a whole number of blocks."""
     for splits in _SPLITS:
         chunk = capacity // splits
-        if capacity % splits == 0 and chunk >= 16 and chunk % min(128, chunk) == 0 and _power_of_two(min(128, chunk)):
+        if capacity % splits == 0 and chunk >= 16 and chunk % min(128, chunk) == 0 and triton_tileable(min(128, chunk)):
             return splits
     return None
 
@@ -43,10 +39,10 @@ def supports(problem: Problem, dtype, prefill: bool) -> bool:
     # 16-bit inputs only: with float32 their default blocks exceed a GPU's shared memory (the compile checks:
     # prefill on H100, A100 and L4, e.g. 262,656 > 232,448 bytes on the H100; decode at 4k context on the L4).
     sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    common_ok = plain and _power_of_two(problem.head_dim) and sixteen_bit
+    common_ok = plain and triton_tileable(problem.head_dim) and sixteen_bit
     if prefill:
         seq = problem.kv_capacity
-        return common_ok and (seq % _PREFILL_BLOCK == 0 or (seq < _PREFILL_BLOCK and _power_of_two(seq)))
+        return common_ok and (seq % _PREFILL_BLOCK == 0 or (seq < _PREFILL_BLOCK and triton_tileable(seq)))
     return common_ok and problem.q_len == 1 and _decode_splits(problem.kv_capacity) is not None
 
 

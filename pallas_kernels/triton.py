@@ -50,9 +50,8 @@ def block_sizes(problem: Problem, dtype) -> tuple[int, int]:
 
 
 def supports(problem: Problem, dtype) -> bool:
-    head_dim = problem.head_dim
     floats = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-    return jnp.dtype(dtype) in floats and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return jnp.dtype(dtype) in floats and common.triton_tileable(problem.head_dim)
 
 
 def _dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
