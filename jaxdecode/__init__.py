@@ -10,8 +10,8 @@ from . import checkpoint, quantize
 from .api import GenerationResult, Model, StreamPiece, forward, generate, load, perplexity, save, shard, stream
 from .checkpoint import CheckpointError
 from .config import ModelConfig, RopeScaling
-from .generate import GenerateOutput, generate_tokens
 from .kv_cache import KVCache, init_cache
+from .loop import GenerateOutput, generate_tokens
 from .model import apply, init_params
 from .parallel import make_mesh
 from .quantize import QuantizedWeight

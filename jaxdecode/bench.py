@@ -19,6 +19,7 @@ engine's process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -500,35 +501,34 @@ def spec_child(shape: dict, runs: int) -> list[dict]:
 
     import jaxdecode as jd
 
-    from . import api, speculative
-    from .generate import decode_loop
+    from . import engine, speculative
+    from .loop import Speculation, decode_loop
 
     batch, context, new_tokens = shape["batch"], shape["context"], shape["new_tokens"]
     model = jd.load(shape["model"])
     max_gamma = max([*shape["gamma"], 8])
-    _, arrays, statics, state, _, _, _ = api._start(
-        model, [prompt_ids(context, shape["model"])], new_tokens, jd.Sampling(), 0, (), extra_slots=2 * (max_gamma + 1)
+    run = engine.start(
+        model, [prompt_ids(context, shape["model"])], max_new_tokens=new_tokens, stop_ids=(), reserve_gamma=max_gamma
     )
     tile = jax.jit(lambda tree: jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0) if jnp.ndim(a) else a, tree))
-    arrays = tile(arrays)
-    limit = np.int32(new_tokens)
+    sampling = tile(run.sampling)
 
-    def timed(name, fn, statics_, args):
+    def timed(speculation):
         # One batch-sized state at a time (16 x 8000 tokens of float32 cache is 6 GB): tiled afresh from
         # the one-row state for every run, and the loop updates it in place (donated).
-        exe, _ = api._compiled(
-            model, name, fn, statics_, (model.params, jax.eval_shape(tile, state), *args), donate=(1,)
-        )
+        settings = dataclasses.replace(run.settings, speculation=speculation)
+        args = (model.params, jax.eval_shape(tile, run.state), sampling, run.limit, None)
+        exe, _ = engine.compiled(model, decode_loop, settings, args, donate=(1,))
         seconds, out = [], None
         for _ in range(runs + 1):  # the first run warms up
             out = None
-            fresh = jax.block_until_ready(tile(state))
+            fresh = jax.block_until_ready(tile(run.state))
             start = time.perf_counter()
-            out = jax.block_until_ready(exe(model.params, fresh, *args))
+            out = jax.block_until_ready(exe(model.params, fresh, sampling, run.limit, None))
             seconds.append(time.perf_counter() - start)
         return statistics.median(seconds[1:]), out
 
-    plain_s, _ = timed("decode_loop", decode_loop, statics, (arrays, limit))
+    plain_s, _ = timed(None)
     plain = batch * (new_tokens - 1) / plain_s
     cfg = model.config
     costs = dict(
@@ -549,15 +549,14 @@ def spec_child(shape: dict, runs: int) -> list[dict]:
     for gamma, budget, chosen in configs:
         gamma = cost_model_gamma(budget) if gamma is None else gamma
         if gamma == 0:  # the cost model chose plain decoding
-            plain_again, _ = timed("decode_loop", decode_loop, statics, (arrays, limit))
+            plain_again, _ = timed(None)
             rows.append(
                 _spec_row(shape, 0, budget, True, float("nan"), plain, batch * (new_tokens - 1) / plain_again, 1.0)
             )
             print(_spec_line(rows[-1]), file=sys.stderr, flush=True)
             continue
-        spec_statics = {**statics, "draft_config": None, "gamma": gamma, "budget": budget, "sinks": 16}
-        spec_s, out = timed("speculative_loop", speculative.speculative_loop, spec_statics, (arrays, None, None, limit))
-        produced = np.minimum(np.asarray(out.count), new_tokens) - 1
+        spec_s, out = timed(Speculation(gamma, budget, 16))
+        produced = np.minimum(np.asarray(out.written), new_tokens) - 1
         acceptance = float(np.sum(out.accepted) / max(np.sum(out.drafted), 1))
         spec = float(np.sum(produced)) / spec_s
         predicted = speculative.predicted_speedup(acceptance, gamma, budget=budget, **costs)

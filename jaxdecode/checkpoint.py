@@ -356,8 +356,9 @@ def load(directory: str | os.PathLike[str], shardings: Any = None) -> tuple[Mode
     """Restore (config, params, tokenizer) from a checkpoint.
 
     `shardings`: None (params come back as host NumPy arrays), or a function from the abstract params
-    (quantized weights as dicts of their arrays) to a tree of `jax.sharding.Sharding`: Orbax then reads
-    each device's shard straight onto it. Every file is checked against the manifest, and every tensor's
+    (quantized weights as `QuantizedWeight`s of shapes) to a tree of `jax.sharding.Sharding` of the same
+    structure, or to None (then host arrays as without it): Orbax reads each device's shard straight
+    onto it. Every file is checked against the manifest, and every tensor's
     shape against the config, before any array is read."""
     directory = Path(directory)
     version = _verified_version(directory)
@@ -386,18 +387,19 @@ def load(directory: str | os.PathLike[str], shardings: Any = None) -> tuple[Mode
         except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many types on damaged metadata
             raise CheckpointError(params_dir, f"cannot be read by Orbax ({type(e).__name__}: {e}); {_AGAIN}") from e
         # Saved as the model holds them: float Linear weights [in, out], quantized ones [out, in].
-        check_params(config, _join_quantized(abstract, quantized, params_dir), params_dir, in_out=True)
-        if shardings is None:
+        joined = _join_quantized(abstract, quantized, params_dir)
+        check_params(config, joined, params_dir, in_out=True)
+        placement = None if shardings is None else shardings(joined)
+        if placement is None:
             cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
             target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
         else:
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings(abstract)
-            )
+            placement = _split_quantized(placement)[0]
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, placement)
         try:
             tree = checkpointer.restore(params_dir, target)
         except Exception as e:  # noqa: BLE001 - as above, for the array files
             raise CheckpointError(params_dir, f"cannot be read by Orbax ({type(e).__name__}: {e}); {_AGAIN}") from e
-    if shardings is None:
+    if placement is None:
         tree = jax.tree.map(np.asarray, tree)
     return config, _join_quantized(tree, quantized, params_dir), tokenizer

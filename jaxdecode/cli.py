@@ -213,25 +213,9 @@ def _generate(args: argparse.Namespace) -> None:
     prompt = args.prompt
     if args.chat:
         prompt = model.require_tokenizer().apply_chat_template([{"role": "user", "content": prompt}])
-    if speculative is not None or args.json:
-        out = jd.generate(
-            model,
-            prompt,
-            max_new_tokens=args.max_new_tokens,
-            sampling=sampling,
-            seed=args.seed,
-            speculative=speculative,
-        )
-    if speculative is not None and not args.json:  # no token-by-token streaming: print the whole text
-        print(out.text[0])
-        info = out.speculation
-        print(
-            f"gamma {info['gamma']}, acceptance {info['acceptance_rate']:.2f}, "
-            f"{info['tokens_per_round']:.2f} tokens per round, decode {out.decode_tokens_per_s:.1f} tok/s",
-            file=sys.stderr,
-        )
-        return
+    request = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, speculative=speculative)
     if args.json:
+        out = jd.generate(model, prompt, **request)
         record = {
             "prompt_tokens": out.prompt_tokens[0],
             "tokens": out.tokens[0],
@@ -244,7 +228,7 @@ def _generate(args: argparse.Namespace) -> None:
         }
         print(json.dumps(record))
         return
-    for piece in jd.stream(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed):
+    for piece in jd.stream(model, prompt, **request):  # speculative: each round's accepted tokens as it ends
         sys.stdout.write(piece.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -12,7 +12,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from .collectives import DATA, MODEL
 from .config import ModelConfig
 
 
@@ -20,6 +22,11 @@ class KVCache(NamedTuple):
     keys: tuple[jax.Array, ...]  # num_layers x [batch, num_kv_heads, max_len, head_dim]
     values: tuple[jax.Array, ...]  # same
     lengths: jax.Array  # int32 [batch]
+
+    @staticmethod
+    def specs() -> KVCache:
+        """Its sharding on a mesh: rows over `data`, KV heads over `model` (a spec prefix per field)."""
+        return KVCache(keys=P(DATA, MODEL), values=P(DATA, MODEL), lengths=P(DATA))
 
 
 def init_cache(

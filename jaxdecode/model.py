@@ -4,11 +4,10 @@ One attention module and one block serve all families; `ModelConfig` fields swit
 learned positions, RMSNorm / LayerNorm, gated / plain MLPs and sequential / parallel blocks.
 
 The entry point is `apply(params, config, tokens, positions, kv_cache)`; params are a plain nested
-dict of arrays. Linear weights are `[in, out]` (checkpoints store `[out, in]`; loaders transpose with
-`linear_weights_to_in_out`). Measured on XLA's CPU backend with SmolLM2's layer weights (425 MB):
-batch 1, `[out, in]` 14.2 ms vs `[in, out]` 15.2 ms; batch 8, 27.1 ms vs 17.9 ms. So `[in, out]`, which
-is also Flax's convention and the natural one for column/row-parallel sharding. The embedding stays
-`[vocab, d_model]` and doubles as the (tied) LM head, contracted on its last axis.
+dict of arrays. Every weight goes through the one weight layer (`weights.py`: `linear`, `lookup`,
+`logits`), so this module knows neither the weights' kind (float or quantized) nor the mesh; under
+tensor parallelism it sees its own shard's heads and columns and sums the row-parallel projections
+(`collectives.py`). The embedding is `[vocab, d_model]` and doubles as the (tied) LM head.
 """
 
 from __future__ import annotations
@@ -20,44 +19,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import attention, quantize
-from . import parallel as par
+from . import attention, weights
+from . import collectives as par
+from .collectives import Parallel
 from .config import ModelConfig, alibi_slopes, rope_inv_freq, rope_long_inv_freq
 from .kv_cache import KVCache, write
-from .parallel import Parallel
-from .quantize import QuantizedWeight
 
 Params = dict[str, Any]
 
 _init = nn.initializers.normal(stddev=0.02)
-
-
-def matmul(x: jax.Array, weight: jax.Array | QuantizedWeight) -> jax.Array:
-    """x `[..., in]` times a float weight `[in, out]` or a quantized one `[out, in]` (`quantize.py`)
-    -> `[..., out]` in x's dtype, accumulated in float32."""
-    if isinstance(weight, QuantizedWeight):
-        return quantize.matmul(x, weight)
-    y = lax.dot_general(
-        x.astype(weight.dtype), weight, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    return y.astype(x.dtype)
-
-
-def linear_weights_to_in_out(params: Params) -> Params:
-    """Transpose every Linear `weight` from the checkpoint layout `[out, in]` to the model's `[in, out]`."""
-
-    def fix(path, leaf):
-        return leaf.T if getattr(path[-1], "key", None) == "weight" else leaf
-
-    return jax.tree_util.tree_map_with_path(fix, params)
-
-
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
-    """`module.param`, except that a stored quantized weight is returned as it is (Flax's param would
-    compare its first leaf's shape with the float shape)."""
-    if module.has_variable("params", name) and isinstance(module.get_variable("params", name), QuantizedWeight):
-        return module.get_variable("params", name)
-    return module.param(name, _init, shape, dtype)
 
 
 class Linear(nn.Module):
@@ -70,8 +40,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = _param(self, "weight", (x.shape[-1], self.features), x.dtype)
-        y = par.reduce_partial(matmul(x, weight), self.row_parallel)
+        weight = weights.param(self, "weight", (x.shape[-1], self.features), x.dtype)
+        y = par.sum_over_model(weights.linear(x, weight), self.row_parallel)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), x.dtype).astype(y.dtype)
         return y
@@ -257,8 +227,8 @@ class Decoder(nn.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         cfg, parallel = self.config, self.parallel
         vocab = par.per_shard(par.padded_vocab(cfg.vocab_size, parallel), parallel)
-        embedding = _param(self, "embed", (vocab, cfg.d_model), self.dtype)
-        x = par.embed_lookup(embedding, tokens, parallel)
+        embedding = weights.param(self, "embed", (vocab, cfg.d_model), self.dtype)
+        x = weights.lookup(embedding, tokens, parallel)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
         if cfg.position == "learned":
@@ -281,13 +251,8 @@ class Decoder(nn.Module):
         x = Norm(cfg, name="final_norm")(x)
         head = embedding
         if not cfg.tie_embeddings:
-            head = _param(self, "lm_head", (vocab, cfg.d_model), self.dtype)
-        if isinstance(head, QuantizedWeight):
-            logits = quantize.matmul(x.astype(jnp.float32), head)
-        else:
-            logits = lax.dot_general(
-                x.astype(head.dtype), head, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-            )
+            head = weights.param(self, "lm_head", (vocab, cfg.d_model), self.dtype)
+        logits = weights.logits(x, head)
         if cfg.final_softcap is not None:
             logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         logits = par.mask_vocab_padding(logits, cfg.vocab_size, parallel)
@@ -325,7 +290,7 @@ def apply(
         cheaper than reading the whole cache, and the path the prefill kernel takes.
       logits_at: int32 `[B]`: return logits only at these indices of T, `[B, vocab]`.
       attention_impl: the attention dispatch implementation (see `attention.py`).
-      parallel: set when running as one shard inside `shard_map` (`parallel.py`); params, cache and the
+      parallel: set when running as one shard inside `shard_map` (`engine.py`); params, cache and the
         returned logits (`[..., padded vocab / model shards]`) are then this shard's.
       cache_start: int32 `[B]`: the cache slot of each row's first token when it is not its position
         (a compacted cache, e.g. the StreamingLLM view of self-speculative drafting); default
@@ -334,8 +299,7 @@ def apply(
     Returns:
       (logits float32 `[B, T, vocab]` or `[B, vocab]`, the updated cache or None).
     """
-    embed = params["embed"]
-    dtype = jnp.dtype(embed.dtype) if isinstance(embed, QuantizedWeight) else embed.dtype
+    dtype = jnp.dtype(params["embed"].dtype)  # a quantized embedding names its float dtype
     return Decoder(config, attention_impl, dtype, parallel).apply(
         {"params": params}, tokens, positions, kv_cache, prefill, logits_at, cache_start
     )

@@ -28,15 +28,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from . import parallel, targets
+from . import engine, parallel, targets, weights
 from .api import DTYPES, load_config
+from .collectives import DATA, MODEL, Parallel, local_kv_heads
 from .config import ModelConfig, config_from_hf
-from .generate import config_as_keyword, decode_loop, prefill
 from .kv_cache import init_cache
+from .loop import Decoding, Speculation, decode_loop, prefill
 from .model import init_params
 from .quantize import quantize_abstract
 from .sampling import Sampling, prepare
-from .speculative import speculative_loop
 from .targets import Target
 
 PRESETS = Path(__file__).parent / "presets"
@@ -79,42 +79,42 @@ def abstract_params(config: ModelConfig, workload: Workload) -> Any:
 def _check_mesh(config: ModelConfig, workload: Workload, data: int, model: int) -> None:
     if workload.batch % data:
         raise ValueError(f"batch {workload.batch} does not split over data={data}")
-    parallel.check_config(config, model)
-    if workload.quant is not None and model > 1:
-        raise ValueError(
-            f"quantized weights are not split over model={model} yet: use a mesh with model=1 for --quant "
-            f"{workload.quant}, or float weights for tensor parallelism"
-        )
+    parallel.check_config(config, model, abstract_params(config, workload) if workload.quant else None)
+
+
+def _sharded_params(config: ModelConfig, workload: Workload, model: int) -> Any:
+    """The abstract params in the layout of a `model`-way split (`weights.shard_layout`)."""
+    params = abstract_params(config, workload)
+    if model == 1:
+        return params
+    return jax.eval_shape(partial(weights.shard_layout, config=config, model_size=model, xp=jnp), params)
 
 
 def generation_program(
     config: ModelConfig, workload: Workload, devices: list, data: int = 1, model: int = 1
 ) -> tuple[Any, tuple]:
-    """(jitted program, abstract args) for prefill + decode loop (or the speculative loop) on `devices`
+    """(jitted program, abstract args) for prefill + decode loop (plain or self-speculative) on `devices`
     as a `data x model` mesh (a single device when both are 1). `program.lower(*args).compile()`
     compiles it for whatever platform the devices belong to; the program returns the final loop state
-    (KV cache included), as `jaxdecode.generate`'s decode executable does."""
+    (KV cache included), as `jaxdecode.generate`'s decode executable does: the same engine programs."""
     _check_mesh(config, workload, data, model)
-    params = abstract_params(config, workload)
+    params = _sharded_params(config, workload, model)
     arrays, sampling_plan = prepare(Sampling(), workload.batch)
-    statics = dict(config=config, plan=sampling_plan, stop_ids=(), attention_impl=workload.attention)
-    prefill_statics = dict(buffer_size=workload.new_tokens + workload.extra_slots, cache_len=workload.cache_len)
-    loop, loop_statics = decode_loop, {}
-    if workload.gamma is not None:
-        loop, loop_statics = speculative_loop, dict(draft_config=None, gamma=workload.gamma, budget=512, sinks=16)
+    speculation = None if workload.gamma is None else Speculation(workload.gamma)
+    buffer = workload.new_tokens + workload.extra_slots
+    settings = Decoding(
+        config, sampling_plan, buffer, workload.cache_len, (), workload.attention, speculation=speculation
+    )
 
     if data * model == 1:
-        place = SingleDeviceSharding(devices[0])
+        mesh, place = None, SingleDeviceSharding(devices[0])
         row, replicated = place, place
         param_shardings = jax.tree.map(lambda _: place, params)
-        prefill_fn, loop_fn = config_as_keyword(prefill), config_as_keyword(loop)
     else:
-        mesh = Mesh(np.asarray(devices[: data * model]).reshape(data, model), (parallel.DATA, parallel.MODEL))
-        params = jax.eval_shape(partial(parallel.sharded_layout, config=config, model_size=model, xp=jnp), params)
-        row, replicated = NamedSharding(mesh, P(parallel.DATA)), NamedSharding(mesh, P())
-        param_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), parallel.param_specs(params))
-        prefill_fn = parallel.sharded_generate_fn(config_as_keyword(prefill), mesh)
-        loop_fn = parallel.sharded_generate_fn(config_as_keyword(loop), mesh)
+        mesh = Mesh(np.asarray(devices[: data * model]).reshape(data, model), (DATA, MODEL))
+        row, replicated = NamedSharding(mesh, P(DATA)), NamedSharding(mesh, P())
+        param_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), weights.specs(params))
+    prefill_fn, loop_fn = engine.program(prefill, settings, mesh), engine.program(decode_loop, settings, mesh)
 
     def abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
@@ -131,10 +131,8 @@ def generation_program(
     )
 
     def program(params, tokens, lengths, keys, arrays, limit):
-        state = prefill_fn(params, tokens, lengths, keys, arrays, **statics, **prefill_statics)
-        if workload.gamma is None:
-            return loop_fn(params, state, arrays, limit, **statics)
-        return loop_fn(params, state, arrays, None, None, limit, **statics, **loop_statics)
+        state = prefill_fn(params, tokens, lengths, keys, arrays, None)
+        return loop_fn(params, state, arrays, limit, None)
 
     return jax.jit(program), args
 
@@ -154,11 +152,9 @@ def _sharded_bytes(leaf: Any, spec: P, mesh_shape: dict[str, int]) -> int:
 
 def analytic_bytes(config: ModelConfig, workload: Workload, data: int, model: int) -> dict[str, int]:
     """Per-device params and KV-cache bytes from the shapes alone (what needs no compiler)."""
-    params = abstract_params(config, workload)
-    mesh_shape = {parallel.DATA: data, parallel.MODEL: model}
-    if model > 1:
-        params = jax.eval_shape(partial(parallel.sharded_layout, config=config, model_size=model, xp=jnp), params)
-    specs = parallel.param_specs(params)
+    params = _sharded_params(config, workload, model)
+    mesh_shape = {DATA: data, MODEL: model}
+    specs = weights.specs(params)
     param_bytes = sum(
         _sharded_bytes(leaf, spec, mesh_shape)
         for leaf, spec in zip(jax.tree.leaves(params), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
@@ -169,7 +165,7 @@ def analytic_bytes(config: ModelConfig, workload: Workload, data: int, model: in
             workload.batch,
             workload.cache_len,
             DTYPES[workload.dtype],
-            parallel.local_kv_heads(config.num_kv_heads, parallel.Parallel(model)),
+            local_kv_heads(config.num_kv_heads, Parallel(model)),
         )
     )
     kv_bytes = sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in (*cache.keys, *cache.values)) // data

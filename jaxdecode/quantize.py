@@ -190,10 +190,15 @@ def _dequantize_columns(w: QuantizedWeight, integers: jax.Array, groups: slice) 
     return result.reshape(out, columns)
 
 
+def _dequantize_padded(w: QuantizedWeight) -> jax.Array:
+    """float32 `[out, padded_in]` (padding columns are zeros)."""
+    integers = _unpack_nibbles(w.values) if w.four_bit else w.values
+    return _dequantize_columns(w, integers, slice(None))
+
+
 def dequantize(w: QuantizedWeight) -> jax.Array:
     """The float32 matrix `[out, in]` (for GGUF kinds bit-identical to `gguf.quants.dequantize`)."""
-    integers = _unpack_nibbles(w.values) if w.four_bit else w.values
-    return _dequantize_columns(w, integers, slice(None))[:, : w.shape[1]]
+    return _dequantize_padded(w)[:, : w.shape[1]]
 
 
 def take_rows(w: QuantizedWeight, ids: jax.Array) -> jax.Array:
@@ -227,22 +232,50 @@ def _matvec_row(x: jax.Array, w: QuantizedWeight) -> jax.Array:
 
 def matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x `[..., in]` times w `[out, in]` (contracted on `in`) -> `[..., out]` in x's dtype,
-    accumulated in float32."""
+    accumulated in float32. Inside a `shard_map` w may be one shard's part (`split_columns`): its
+    arrays then hold fewer rows or columns than `w.shape` names, so the sizes come from the arrays."""
     *lead, columns = x.shape
-    if columns != w.shape[1]:
+    if columns > w.padded_in:
         raise ValueError(f"x has {columns} features, the quantized weight takes {w.shape[1]}")
     rows = math.prod(lead)
-    flat = x.reshape(rows, columns).astype(jnp.float32)
+    flat = jnp.pad(x.reshape(rows, columns).astype(jnp.float32), ((0, 0), (0, w.padded_in - columns)))
     if rows > MATVEC_ROWS:
-        y = lax.dot_general(flat, dequantize(w), (((1,), (1,)), ((), ())))
+        y = lax.dot_general(flat, _dequantize_padded(w), (((1,), (1,)), ((), ())))
     else:
-        flat = jnp.pad(flat, ((0, 0), (0, w.padded_in - columns)))
         # x + 0 through a reduction: a fusion boundary. Otherwise XLA fuses x's producers (the norm, even
         # the embedding lookup) into the dot loop and recomputes them for every output row (measured:
         # 1.5x slower matrix-vector products inside the model).
         flat = jnp.stack([flat, jnp.zeros_like(flat)]).sum(0)
         y = jnp.stack([_matvec_row(flat[r], w) for r in range(rows)])
-    return y.reshape(*lead, w.shape[0]).astype(x.dtype)
+    return y.reshape(*lead, w.values.shape[0]).astype(x.dtype)
+
+
+def split_columns(w: QuantizedWeight, shards: int, xp: Any = np) -> QuantizedWeight:
+    """w's input columns as `shards` equal parts laid side by side, each packed as a weight of its own
+    (4-bit kinds: its own padding and nibble halves; see the module doc), so that splitting the arrays'
+    columns `shards` ways gives every shard a valid weight over its `in / shards` input features.
+    int8 and q8_0 need no re-packing (their columns split as they are). Needs whole groups per part
+    (`weights.check_shardable`). `xp=jnp` traces it (abstract params)."""
+    if not w.four_bit or shards == 1:
+        return w
+    out, columns = w.shape
+    group, local = w.group_size, columns // shards
+    per_part, padded = local // group, _padded_in(local, group, True)
+    integers = xp.concatenate([w.values & 15, w.values >> 4], axis=1)
+
+    def part(a: Any, index: int, size: int, width: int) -> Any:
+        piece = a[:, index * size : (index + 1) * size]
+        return xp.concatenate([piece, xp.zeros((out, width - size), a.dtype)], axis=1)
+
+    values, scales, offsets = [], [], []
+    for s in range(shards):
+        q = part(integers, s, local, padded)
+        values.append((q[:, : padded // 2] | (q[:, padded // 2 :] << 4)).astype(np.uint8))
+        scales.append(part(w.scales, s, per_part, padded // group))  # zero scales: the padding is zeros
+        if w.offsets is not None:
+            offsets.append(part(w.offsets, s, per_part, padded // group))
+    joined = [xp.concatenate(p, axis=1) if p else None for p in (values, scales, offsets)]
+    return QuantizedWeight(*joined, w.kind, w.shape, w.dtype)
 
 
 def is_quantized(leaf: Any) -> bool:

@@ -17,30 +17,25 @@ Greedy rows use one-hot distributions, which reduces the rule to "the longest pr
 model's argmax agrees, plus the model's next token". Every row accepts its own count; each cache's
 length is rolled back to what its row accepted (entries beyond are overwritten later).
 
-Everything is a pure function under `jit`; `speculative_loop` runs the rounds in one `lax.while_loop`
-and, with `parallel` set, as one shard of a `shard_map` (greedy uses the distributed argmax; sampled
-rows gather the vocabulary, and every shard draws the same numbers from the replicated per-row keys).
+This module holds the settings, the cost model, the StreamingLLM view and the rule; a round runs as a
+step of the one decode loop (`loop.py`), in one `lax.while_loop` and, on a mesh, as one shard of a
+`shard_map` (greedy uses the distributed argmax; sampled rows gather the vocabulary, and every shard
+draws the same numbers from the replicated per-row keys).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from . import parallel as par
-from .config import ModelConfig
-from .generate import DecodeState, prefill_cache
 from .kv_cache import KVCache
-from .model import Params, apply
-from .parallel import Parallel
 from .sampling import SamplingArrays, SamplingPlan, filter_logits
 
 # Random streams of a round (folded into each row's key with the round number).
-_DRAFT, _ACCEPT, _RESIDUAL = 0, 1, 2
+DRAFT_STREAM, _ACCEPT, _RESIDUAL = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +152,7 @@ def distributions(logits: jax.Array, sampling: SamplingArrays, plan: SamplingPla
     return probs.reshape(batch, steps, vocab)
 
 
-def _categorical(keys: jax.Array, probs: jax.Array) -> jax.Array:
+def draw(keys: jax.Array, probs: jax.Array) -> jax.Array:
     """One draw per row: keys `[B]`, probs `[B, V]` -> int32 `[B]`."""
     return jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p)))(keys, probs).astype(jnp.int32)
 
@@ -183,7 +178,7 @@ def verify(draft_tokens: jax.Array, q: jax.Array, p: jax.Array, keys: jax.Array)
     residual = jnp.maximum(p_next - q_next, 0.0)
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_next)  # p == q: rejection impossible
-    final = _categorical(jax.vmap(lambda k: jax.random.fold_in(k, _RESIDUAL))(keys), residual)
+    final = draw(jax.vmap(lambda k: jax.random.fold_in(k, _RESIDUAL))(keys), residual)
     tokens = jnp.concatenate([draft_tokens, jnp.zeros_like(draft_tokens[:, :1])], axis=1)
     tokens = jnp.where(jnp.arange(gamma + 1)[None, :] == accepted[:, None], final[:, None], tokens)
     return tokens, accepted
@@ -194,242 +189,3 @@ def verify_greedy(draft_tokens: jax.Array, target_tokens: jax.Array) -> tuple[ja
     `verify` (accepted draft tokens equal the model's, so the new tokens are the model's argmax)."""
     match = draft_tokens == target_tokens[:, :-1]
     return target_tokens, jnp.sum(jnp.cumprod(match, axis=1), axis=1).astype(jnp.int32)
-
-
-# ------------------------------------------------------------------------------------------------
-# The loop.
-
-
-class SpecState(NamedTuple):
-    """What the speculative loop carries. Row b's output is `tokens[b, :count[b]]` (may run past the
-    requested number of tokens by up to gamma; the caller trims)."""
-
-    kv_cache: KVCache
-    draft_cache: KVCache | None  # DraftModel only
-    last_token: jax.Array  # int32 [B]: generated, not yet in the caches
-    tokens: jax.Array  # int32 [B, N + 2 (gamma + 1)] (the prefill's buffer, sized by the caller)
-    count: jax.Array  # int32 [B]: tokens generated (a stop token and what follows it in its round included)
-    done: jax.Array  # bool [B]: a stop token was generated
-    keys: jax.Array  # [B]
-    rounds: jax.Array  # int32 []
-    accepted: jax.Array  # int32 [B]: draft tokens accepted so far
-    drafted: jax.Array  # int32 [B]: draft tokens proposed (while the row was running)
-
-
-def start_state(state: DecodeState, draft_cache: KVCache | None = None) -> SpecState:
-    """The speculative loop's state after `generate.prefill` (which produced each row's first token; its
-    token buffer must hold gamma + 1 slots more than the tokens wanted)."""
-    count, accepted, drafted = (jnp.zeros(state.last_token.shape, jnp.int32) for _ in range(3))
-    return SpecState(
-        state.kv_cache,
-        draft_cache,
-        state.last_token,
-        state.tokens,
-        count + 1,
-        state.done,
-        state.keys,
-        rounds=state.step * 0,
-        accepted=accepted,
-        drafted=drafted,
-    )
-
-
-def _greedy_tokens(logits: jax.Array, parallel: Parallel | None) -> jax.Array:
-    """argmax int32 `[B, T]` of (vocab-sharded) logits `[B, T, V_local]`."""
-    batch, steps, vocab = logits.shape
-    return par.argmax_tokens(logits.reshape(batch * steps, vocab), parallel).reshape(batch, steps)
-
-
-def _draft(
-    draft_params: Params,
-    draft_config: ModelConfig,
-    cache: KVCache,
-    last_token: jax.Array,
-    positions: jax.Array,
-    steps: int,
-    keys: jax.Array,
-    sampling: SamplingArrays,
-    plan: SamplingPlan,
-    attention_impl: str,
-    parallel: Parallel | None,
-) -> tuple[KVCache, jax.Array, jax.Array | None]:
-    """`steps` single-token draft passes from `last_token` at true `positions` `[B]` (cache slots from
-    `cache.lengths`). Returns (cache, draft tokens `[B, steps]`, their distributions `[B, steps, V]` or
-    None when every row is greedy)."""
-
-    def one(carry, i):
-        cache, token = carry
-        logits, cache = apply(
-            draft_params,
-            draft_config,
-            token[:, None],
-            (positions + i)[:, None],
-            cache,
-            logits_at=jnp.zeros_like(token),
-            attention_impl=attention_impl,
-            parallel=parallel,
-            cache_start=cache.lengths,
-        )
-        if plan.all_greedy:
-            nxt = par.argmax_tokens(logits, parallel)
-            return (cache, nxt), (nxt, jnp.zeros((), jnp.float32))
-        logits = par.gather_vocab(logits, draft_config.vocab_size, parallel)
-        probs = distributions(logits[:, None], sampling, plan)[:, 0]
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, _DRAFT), i))(keys)
-        nxt = _categorical(step_keys, probs)
-        return (cache, nxt), (nxt, probs)
-
-    (cache, _), (tokens, probs) = lax.scan(one, (cache, last_token), jnp.arange(steps))
-    tokens = tokens.T  # [B, steps]
-    return cache, tokens, None if plan.all_greedy else probs.transpose(1, 0, 2)
-
-
-def speculative_round(
-    params: Params,
-    config: ModelConfig,
-    state: SpecState,
-    sampling: SamplingArrays,
-    draft_params: Params | None,
-    draft_config: ModelConfig | None,
-    running: jax.Array,
-    *,
-    plan: SamplingPlan,
-    gamma: int,
-    budget: int = 512,
-    sinks: int = 16,
-    stop_ids: tuple[int, ...] = (),
-    attention_impl: str = "auto",
-    parallel: Parallel | None = None,
-) -> SpecState:
-    """Draft gamma tokens per row, verify them in one pass of the model over gamma + 1 positions, keep
-    each row's accepted tokens and roll its caches back to them. `draft_params` None: self-speculation.
-    Rows where `running` (bool `[B]`) is False compute along but keep their state (and cache length)."""
-    lengths = state.kv_cache.lengths
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, state.rounds)
-    if draft_params is None:
-        view = streaming_view(state.kv_cache, budget, sinks, gamma + 1)
-        _, drafted, q = _draft(
-            params, config, view, state.last_token, lengths, gamma, keys, sampling, plan, attention_impl, parallel
-        )
-        draft_cache = None
-    else:  # gamma + 1 steps: the draft's cache then holds the last draft token too
-        draft_cache, drafted, q = _draft(
-            draft_params,
-            draft_config,
-            state.draft_cache,
-            state.last_token,
-            lengths,
-            gamma + 1,
-            keys,
-            sampling,
-            plan,
-            attention_impl,
-            parallel,
-        )
-        drafted, q = drafted[:, :gamma], None if q is None else q[:, :gamma]
-
-    block = jnp.concatenate([state.last_token[:, None], drafted], axis=1)  # [B, gamma + 1]
-    positions = lengths[:, None] + jnp.arange(gamma + 1)[None, :]
-    logits, cache = apply(
-        params, config, block, positions, state.kv_cache, attention_impl=attention_impl, parallel=parallel
-    )
-    if plan.all_greedy:
-        tokens, accepted = verify_greedy(drafted, _greedy_tokens(logits, parallel))
-    else:
-        p = distributions(par.gather_vocab(logits, config.vocab_size, parallel), sampling, plan)
-        tokens, accepted = verify(drafted, q, p, keys)
-
-    new = accepted + 1
-    rows = jnp.arange(tokens.shape[0])[:, None]
-    slots = state.count[:, None] + jnp.arange(gamma + 1)[None, :]
-    buffer = state.tokens.at[rows, slots].set(tokens, mode="drop")
-    valid = jnp.arange(gamma + 1)[None, :] < new[:, None]
-    is_stop = jnp.isin(tokens, jnp.asarray(stop_ids, jnp.int32)) & valid if stop_ids else jnp.zeros_like(valid)
-    new_lengths = jnp.where(running, lengths + new, lengths)  # the last token and accepted drafts are cached
-    last = jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
-    return SpecState(
-        kv_cache=cache._replace(lengths=new_lengths),
-        draft_cache=None if draft_cache is None else draft_cache._replace(lengths=new_lengths),
-        last_token=jnp.where(running, last, state.last_token),
-        tokens=buffer,
-        count=jnp.where(running, state.count + new, state.count),
-        done=state.done | (running & jnp.any(is_stop, axis=1)),
-        keys=state.keys,
-        rounds=state.rounds + 1,
-        accepted=state.accepted + jnp.where(running, accepted, 0),
-        drafted=state.drafted + jnp.where(running, gamma, 0),
-    )
-
-
-def speculative_loop(
-    params: Params,
-    config: ModelConfig,
-    state: DecodeState,
-    sampling: SamplingArrays,
-    draft_params: Params | None,
-    draft_cache: KVCache | None,
-    max_new_tokens: jax.Array | int,
-    *,
-    draft_config: ModelConfig | None = None,
-    plan: SamplingPlan,
-    gamma: int,
-    budget: int = 512,
-    sinks: int = 16,
-    stop_ids: tuple[int, ...] = (),
-    attention_impl: str = "auto",
-    parallel: Parallel | None = None,
-) -> SpecState:
-    """From the state after `generate.prefill` (and `draft_prefill`'s cache for a draft model), rounds
-    until every row has `max_new_tokens` tokens or a stop token. The caches must hold
-    prompt + max_new_tokens + 2 (gamma + 1) slots."""
-    limit = jnp.asarray(max_new_tokens, jnp.int32)
-
-    def cond(s: SpecState) -> jax.Array:
-        running = jnp.any(~s.done & (s.count < limit))
-        if parallel is not None:  # every shard runs the same rounds
-            running = lax.pmax(running.astype(jnp.int32), (parallel.data_axis, parallel.model_axis)) > 0
-        return running
-
-    def body(s: SpecState) -> SpecState:
-        # As in generate.decode_loop: tie the params to the loop state so no work on them is hoisted.
-        (step_params, step_draft), s = lax.optimization_barrier(((params, draft_params), s))
-        return speculative_round(
-            step_params,
-            config,
-            s,
-            sampling,
-            step_draft,
-            draft_config,
-            ~s.done & (s.count < limit),
-            plan=plan,
-            gamma=gamma,
-            budget=budget,
-            sinks=sinks,
-            stop_ids=stop_ids,
-            attention_impl=attention_impl,
-            parallel=parallel,
-        )
-
-    return lax.while_loop(cond, body, start_state(state, draft_cache))
-
-
-def draft_prefill(
-    draft_params: Params,
-    draft_config: ModelConfig,
-    prompt_tokens: jax.Array,
-    prompt_lengths: jax.Array,
-    *,
-    cache_len: int,
-    attention_impl: str = "auto",
-    parallel: Parallel | None = None,
-) -> KVCache:
-    """The draft model's cache after the prompts (right-padded `[B, T]`), lengths = prompt lengths."""
-    return prefill_cache(
-        draft_params,
-        draft_config,
-        prompt_tokens,
-        prompt_lengths,
-        cache_len=cache_len,
-        attention_impl=attention_impl,
-        parallel=parallel,
-    )[1]

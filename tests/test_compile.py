@@ -314,12 +314,13 @@ def test_quantized_shapes_match_quantizing():
     """`quantize_abstract` (what plan compiles) gives exactly the leaves that quantizing real weights gives."""
     import numpy as np
 
-    from jaxdecode.model import init_params, linear_weights_to_in_out
+    from jaxdecode.model import init_params
     from jaxdecode.quantize import quantize_params
+    from jaxdecode.weights import to_model_layout
 
     floats = init_params(SMALL_LLAMA, jax.random.key(0))
     for quant in ("int8", "int4"):
-        host = linear_weights_to_in_out(jax.tree.map(np.asarray, floats))  # back to the loaders' [out, in]
+        host = to_model_layout(jax.tree.map(np.asarray, floats))  # back to the loaders' [out, in]
         real = quantize_params(host, quant)
         abstract = jp.abstract_params(SMALL_LLAMA, jp.Workload(dtype="float32", quant=quant))
         same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), real, abstract)

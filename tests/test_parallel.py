@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -210,3 +211,63 @@ def test_attention_kernels_run_per_shard(tiny):
     """The Pallas kernels (interpret mode) inside the shard_map: each shard attends over its own heads."""
     kernels = dataclasses.replace(tiny, attention="interpret")
     _check_mesh(kernels, 2, 2, _tokens(3, 11, TINY.vocab_size), PROMPTS_FOR_MESH)
+
+
+# 6 query heads, one KV head (repeated onto every shard), 192 input columns into o and down: 64 per shard on
+# 3 shards, 96 on 2, whole groups of 32 either way (int4 g32 and GGUF's 32-blocks split without cutting a
+# scale group); 91 vocabulary rows, padded to a multiple of the shards.
+QUANT_TINY = dataclasses.replace(TINY, d_model=64, num_heads=6, num_kv_heads=1, head_dim=32, ffn_dim=192, vocab_size=91)
+GGUF_KINDS = {"q": "Q4_0", "k": "Q8_0", "v": "Q4_1", "o": "Q4_0", "gate": "Q4_1", "up": "Q8_0", "down": "Q4_1"}
+
+
+def _quantized_tiny(quant: str, group_size: int = 32) -> jd.Model:
+    """QUANT_TINY with int8 / int4 (g32) weights, or GGUF blocks made by `gguf` itself (a mix of kinds,
+    as a GGUF file's tensors are; embedding Q8_0) for "native"."""
+    import gguf
+
+    from jaxdecode import quantize
+    from jaxdecode.weights import to_model_layout
+
+    model = tiny_model(config=QUANT_TINY)
+    host = to_model_layout(jax.tree.map(np.asarray, model.params))  # the loaders' [out, in]
+    if quant != "native":
+        params = quantize.quantize_params(host, quant, group_size)
+    else:
+
+        def blocks(path, leaf):
+            keys = [getattr(p, "key", "") for p in path]
+            kind = "Q8_0" if keys[-1] == "embed" else GGUF_KINDS.get(keys[-2]) if keys[-1] == "weight" else None
+            if kind is None:
+                return leaf
+            raw = gguf.quants.quantize(leaf, getattr(gguf.GGMLQuantizationType, kind))
+            return quantize.from_gguf_blocks(raw, kind, leaf.shape)
+
+        params = jax.tree_util.tree_map_with_path(blocks, host)
+    params = jax.tree.map(jnp.asarray, to_model_layout(params))
+    return jd.Model(QUANT_TINY, params, None, f"tiny-{quant}")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "native"])
+def test_quantized_weights_split_over_model(quant, tmp_path):
+    """Quantized tensor parallelism: every kind's integers and scales split over `model` (row-parallel
+    4-bit weights re-packed shard by shard) give one device's greedy tokens on (1, 3) and (2, 2), and
+    each shard holds its part only; a saved 4-bit checkpoint is re-packed onto the mesh as it loads."""
+    model = _quantized_tiny(quant)
+    prompts = PROMPTS_FOR_MESH
+    expected = jd.generate(model, prompts, max_new_tokens=8, stop_ids=()).tokens
+    if quant == "int4":
+        jd.save(model, tmp_path / "ck")
+    for data, model_size in [(1, 3), (2, 2)]:
+        mesh = jd.make_mesh(data=data, model=model_size)
+        sharded = jd.load(tmp_path / "ck", mesh=mesh) if quant == "int4" else jd.shard(model, mesh)
+        down = sharded.params["layer_0"]["mlp"]["down"]["weight"]
+        local = down.values.addressable_shards[0].data.shape
+        assert local[1] * model_size == down.values.shape[1] and local[0] == QUANT_TINY.d_model
+        assert jd.generate(sharded, prompts, max_new_tokens=8, stop_ids=()).tokens == expected, (quant, data)
+
+
+def test_quantized_split_that_cuts_a_group_is_refused():
+    """int4 groups of 128 over model=3: 64 input columns per shard of o / down is not a whole group."""
+    model = _quantized_tiny("int4", group_size=128)
+    with pytest.raises(ValueError, match=r"layer_0.*o.*int4, 192 input columns in groups of 128.*model=3.*group-size"):
+        jd.shard(model, jd.make_mesh(data=1, model=3))

@@ -20,7 +20,7 @@ import jaxdecode as jd
 from jaxdecode import checkpoint, quantize
 from jaxdecode.io.gguf import GGUFFile
 from jaxdecode.io.sources import embedded_model_path
-from jaxdecode.model import linear_weights_to_in_out
+from jaxdecode.weights import to_model_layout
 
 from tiny import TINY, tiny_model
 
@@ -169,8 +169,8 @@ def test_quantized_matmul_matches_float64(lead):
 
 def _host_quantized(model: jd.Model, quant: str, group_size: int = 32) -> jd.Model:
     """The tiny model with its weights quantized (loaders' `[out, in]` layout in, model layout out)."""
-    host = linear_weights_to_in_out(jax.tree.map(np.asarray, model.params))
-    params = linear_weights_to_in_out(quantize.quantize_params(host, quant, group_size))
+    host = to_model_layout(jax.tree.map(np.asarray, model.params))
+    params = to_model_layout(quantize.quantize_params(host, quant, group_size))
     return jd.Model(model.config, jax.tree.map(jnp.asarray, params), None, f"tiny-{quant}")
 
 
@@ -288,8 +288,15 @@ def test_checkpoint_restored_onto_a_mesh(tmp_path):
         jd.generate(on_data_mesh, tokens, max_new_tokens=5).tokens
         == jd.generate(quantized, tokens, max_new_tokens=5).tokens
     )
-    with pytest.raises(ValueError, match="quantized weights are not split over model=2"):
-        jd.load(tmp_path / "q", mesh=mesh)
+    # Quantized and tensor parallel: int8 is read straight onto the shards (its layout is the saved one;
+    # a 4-bit checkpoint is re-packed shard by shard on the way: test_parallel.py).
+    on_model_mesh = jd.load(tmp_path / "q", mesh=mesh)
+    values = on_model_mesh.params["layer_0"]["attn"]["q"]["weight"].values
+    assert values.sharding.spec == jax.sharding.PartitionSpec("model", None)
+    assert (
+        jd.generate(on_model_mesh, tokens, max_new_tokens=5).tokens
+        == jd.generate(quantized, tokens, max_new_tokens=5).tokens
+    )
 
 
 def _largest_file(root):

@@ -118,6 +118,30 @@ def test_self_speculative_greedy_equals_plain_greedy(smollm2, gamma):
     assert spec.decode_steps < 24  # fewer passes than tokens: drafts were accepted
 
 
+@pytest.mark.parametrize("kind", ["self", "draft"])
+def test_speculative_stream_equals_generate(kind):
+    """`stream(..., speculative=...)` yields what `generate` returns (greedy and sampled), and a stop
+    token found on the device in the middle of a round cuts both where plain decoding stops."""
+    model = tiny_model()
+    if kind == "self":
+        spec = jd.SelfSpeculative(budget=64, sinks=4, gamma=3)  # the whole context: every draft accepted
+    else:
+        spec = jd.DraftModel(tiny_model(), gamma=2)  # the model itself as its draft: every draft accepted
+    prompt = list(range(3, 20))
+    plain = jd.generate(model, [prompt], max_new_tokens=20, stop_ids=()).tokens[0]
+    stop = (plain[7],)  # the first occurrence of this token ends the row
+    expected = plain[: plain.index(stop[0])]
+    for sampling, stop_ids in [(jd.Sampling(), ()), (jd.Sampling(), stop), (jd.Sampling(temperature=1.0), stop)]:
+        request = dict(max_new_tokens=20, sampling=sampling, seed=1, stop_ids=stop_ids, speculative=spec)
+        whole = jd.generate(model, [prompt], **request)
+        streamed = [piece.token for piece in jd.stream(model, prompt, **request)]
+        assert streamed == whole.tokens[0], (sampling, stop_ids)
+        if sampling.temperature == 0:
+            assert whole.tokens[0] == (expected if stop_ids else plain)
+            assert whole.finish_reasons == ["stop" if stop_ids else "length"]
+            assert whole.speculation["acceptance_rate"] > 0
+
+
 def test_streaming_view_really_differs_from_the_full_cache():
     """The draft's view drops the middle of a long cache: its logits differ from the full model's."""
     model = tiny_model()
