@@ -70,6 +70,12 @@ def cached_attention(
     )
 
 
+def skips_outside_window(impl: str) -> bool:
+    """Whether cached attention on this backend reads only the KV blocks a window (and its sinks) can
+    see: the Pallas kernels skip the others; XLA reads the whole cache and masks it."""
+    return jax.default_backend() in ("tpu", "gpu") if impl == "auto" else impl != "xla"
+
+
 def resolve(choice: str) -> str:
     """The backend for a user's `attention=` choice (one of `CHOICES`) on this machine.
 

@@ -430,6 +430,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, nargs="+", help="spec suite: context lengths (prompt tokens)")
     p.add_argument("--gamma", type=int, nargs="+", help="spec suite: tokens drafted per round")
     p.add_argument("--budget", type=int, nargs="+", help="spec suite: KV entries the self-draft reads")
+    p.add_argument(
+        "--draft",
+        nargs="+",
+        choices=["gather", "in-place", "int8"],
+        default=["gather"],
+        help="spec suite: how the self-draft works: a gathered copy of its view, the view read in place (through "
+        "the attention's window; on CPU XLA attention reads the whole cache for it), or int8 weights on the copy",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or .gguf file (the peers load the same file)")
     p.add_argument("--quants", help="jaxdecode weight formats, comma-separated: none, int8, int4, native")
     p.add_argument(
@@ -501,7 +509,7 @@ def spec_child(shape: dict, runs: int) -> list[dict]:
 
     import jaxdecode as jd
 
-    from . import engine, speculative
+    from . import engine, speculative, targets
     from .loop import Speculation, decode_loop
 
     batch, context, new_tokens = shape["batch"], shape["context"], shape["new_tokens"]
@@ -513,30 +521,26 @@ def spec_child(shape: dict, runs: int) -> list[dict]:
     tile = jax.jit(lambda tree: jax.tree.map(lambda a: jnp.repeat(a, batch, axis=0) if jnp.ndim(a) else a, tree))
     sampling = tile(run.sampling)
 
-    def timed(speculation):
+    def timed(speculation, draft_params=None):
         # One batch-sized state at a time (16 x 8000 tokens of float32 cache is 6 GB): tiled afresh from
         # the one-row state for every run, and the loop updates it in place (donated).
         settings = dataclasses.replace(run.settings, speculation=speculation)
-        args = (model.params, jax.eval_shape(tile, run.state), sampling, run.limit, None)
+        args = (model.params, jax.eval_shape(tile, run.state), sampling, run.limit, draft_params)
         exe, _ = engine.compiled(model, decode_loop, settings, args, donate=(1,))
         seconds, out = [], None
         for _ in range(runs + 1):  # the first run warms up
             out = None
             fresh = jax.block_until_ready(tile(run.state))
             start = time.perf_counter()
-            out = jax.block_until_ready(exe(model.params, fresh, sampling, run.limit, None))
+            out = jax.block_until_ready(exe(model.params, fresh, sampling, run.limit, draft_params))
             seconds.append(time.perf_counter() - start)
         return statistics.median(seconds[1:]), out
 
     plain_s, _ = timed(None)
     plain = batch * (new_tokens - 1) / plain_s
-    cfg = model.config
-    costs = dict(
-        weight_bytes=jd.quantize.param_bytes(model.params),
-        kv_bytes_per_token=cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4,
-        batch=batch,
-        context=context,
-    )
+    roofline = targets.roofline_here()
+    costs = dict(costs=speculative.PassCosts.of(model.config, model.params), roofline=roofline)
+    costs.update(batch=batch, context=context)
     rows = []
 
     def cost_model_gamma(budget: int) -> int:  # with the acceptance measured at this shape and budget
@@ -544,28 +548,32 @@ def spec_child(shape: dict, runs: int) -> list[dict]:
         acceptance = float(np.mean(measured)) if measured else 0.8
         return speculative.choose_gamma(acceptance, budget=budget, **costs)
 
-    configs = [(g, b, False) for b in shape["budget"] for g in shape["gamma"]]
-    configs += [(None, b, True) for b in shape["budget"]]
-    for gamma, budget, chosen in configs:
+    configs = [(g, b, False, d) for d in shape["draft"] for b in shape["budget"] for g in shape["gamma"]]
+    configs += [(None, b, True, shape["draft"][0]) for b in shape["budget"]]
+    for gamma, budget, chosen, view in configs:
         gamma = cost_model_gamma(budget) if gamma is None else gamma
         if gamma == 0:  # the cost model chose plain decoding
             plain_again, _ = timed(None)
             rows.append(
-                _spec_row(shape, 0, budget, True, float("nan"), plain, batch * (new_tokens - 1) / plain_again, 1.0)
+                _spec_row(
+                    shape, 0, budget, True, view, float("nan"), plain, batch * (new_tokens - 1) / plain_again, 1.0
+                )
             )
             print(_spec_line(rows[-1]), file=sys.stderr, flush=True)
             continue
-        spec_s, out = timed(Speculation(gamma, budget, 16))
+        weights = "int8" if view == "int8" else "same"
+        draft_params = engine.draft_params(model, jd.SelfSpeculative(budget, 16, gamma, draft_weights=weights))
+        spec_s, out = timed(Speculation(gamma, budget, 16, in_place=view == "in-place"), draft_params)
         produced = np.minimum(np.asarray(out.written), new_tokens) - 1
         acceptance = float(np.sum(out.accepted) / max(np.sum(out.drafted), 1))
         spec = float(np.sum(produced)) / spec_s
         predicted = speculative.predicted_speedup(acceptance, gamma, budget=budget, **costs)
-        rows.append(_spec_row(shape, gamma, budget, chosen, acceptance, plain, spec, predicted))
+        rows.append(_spec_row(shape, gamma, budget, chosen, view, acceptance, plain, spec, predicted))
         print(_spec_line(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
-def _spec_row(shape, gamma, budget, chosen, acceptance, plain, spec, predicted) -> dict:
+def _spec_row(shape, gamma, budget, chosen, view, acceptance, plain, spec, predicted) -> dict:
     return {
         "suite": "spec",
         "batch": shape["batch"],
@@ -573,6 +581,7 @@ def _spec_row(shape, gamma, budget, chosen, acceptance, plain, spec, predicted) 
         "gamma": gamma,
         "gamma_from_cost_model": chosen,
         "budget": budget,
+        "draft": view,
         "acceptance": acceptance,
         "plain_tokens_per_s": plain,
         "spec_tokens_per_s": spec,
@@ -585,7 +594,7 @@ def _spec_row(shape, gamma, budget, chosen, acceptance, plain, spec, predicted) 
 def _spec_line(r: dict) -> str:
     how = "cost model" if r["gamma_from_cost_model"] else "fixed"
     return (
-        f"batch {r['batch']} context {r['context']} budget {r['budget']} gamma {r['gamma']} ({how}): "
+        f"batch {r['batch']} context {r['context']} budget {r['budget']} gamma {r['gamma']} ({how}, {r['draft']}): "
         f"acceptance {r['acceptance']:.2f}, plain {r['plain_tokens_per_s']:.1f} tok/s, speculative "
         f"{r['spec_tokens_per_s']:.1f} tok/s, {r['speedup']:.2f}x (predicted {r['predicted_speedup']:.2f}x)"
     )
@@ -593,12 +602,13 @@ def _spec_line(r: dict) -> str:
 
 def spec_table(rows: list[dict]) -> str:
     lines = [
-        "| batch | context | budget | gamma | acceptance | plain tok/s | speculative tok/s | speedup | predicted |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | context | budget | draft | gamma | acceptance | plain tok/s | speculative tok/s | speedup "
+        "| predicted |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gamma = f"{r['gamma']} (cost model)" if r["gamma_from_cost_model"] else str(r["gamma"])
-        cells = [r["batch"], r["context"], r["budget"], gamma, f"{r['acceptance']:.2f}"]
+        cells = [r["batch"], r["context"], r["budget"], r.get("draft", "gather"), gamma, f"{r['acceptance']:.2f}"]
         cells += [f"{r['plain_tokens_per_s']:.1f}", f"{r['spec_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x"]
         cells += [f"{r['predicted_speedup']:.2f}x"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -644,6 +654,7 @@ def run_spec(args: argparse.Namespace) -> list[dict]:
                 "new_tokens": args.new_tokens or 64,
                 "gamma": args.gamma or SPEC_SUITE["gamma"],
                 "budget": args.budget or SPEC_SUITE["budget"],
+                "draft": args.draft,
             }
             command = [sys.executable, "-m", "jaxdecode.bench", "--spec-child", json.dumps(shape)]
             done = subprocess.run([*command, "--runs", str(args.runs)], capture_output=True, text=True)

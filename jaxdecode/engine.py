@@ -28,14 +28,16 @@ from jax.sharding import PartitionSpec as P
 from tokenizers.decoders import DecodeStream
 
 from . import parallel, weights
+from .attention import skips_outside_window
 from .collectives import DATA, MODEL
 from .config import ModelConfig
 from .io.tokenizer import Tokenizer
 from .loop import DecodeState, Decoding, Speculation, decode_loop, decode_step, prefill
 from .model import Params, apply
-from .quantize import param_bytes
+from .quantize import is_quantized, quantize_params
 from .sampling import Sampling, prepare
-from .speculative import DraftModel, SelfSpeculative, choose_gamma
+from .speculative import DraftModel, PassCosts, SelfSpeculative, choose_gamma
+from .targets import roofline_here
 
 MIN_BUCKET = 16
 INT32_MAX = 2**31 - 1
@@ -56,6 +58,7 @@ class Model:
     attention: str = "auto"
     mesh: jax.sharding.Mesh | None = None  # set by `shard`: params are in the sharded layout (weights.py)
     executables: dict[Any, Any] = field(default_factory=dict, repr=False)
+    derived: dict[str, Params] = field(default_factory=dict, repr=False)  # e.g. an int8 self-draft's weights
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -310,7 +313,8 @@ class Run:
 
 
 def _speculation(model: Model, speculative: Any, sampling: Any, batch: int, context: int) -> Speculation | None:
-    """The static speculative settings of a request (None: decode plainly), checked."""
+    """The static speculative settings of a request, checked (None: decode plainly, also where the cost
+    model predicts no gain)."""
     if speculative is None:
         return None
     if not isinstance(speculative, (SelfSpeculative, DraftModel)):
@@ -327,19 +331,40 @@ def _speculation(model: Model, speculative: Any, sampling: Any, batch: int, cont
         if (draft.mesh is None) != (model.mesh is None) or (draft.mesh is not None and draft.mesh != model.mesh):
             raise ValueError("the draft model must be on the same mesh as the model (jd.shard both, or neither)")
         return Speculation(speculative.gamma, draft_config=draft.config)
-    gamma = speculative.gamma
-    if gamma is None:  # the cost model's choice for this batch and context
-        cfg = model.config
-        itemsize = jnp.dtype(model.params["embed"].dtype).itemsize  # the KV cache's dtype
-        gamma = choose_gamma(
-            speculative.acceptance,
-            weight_bytes=param_bytes(model.params),
-            kv_bytes_per_token=cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize,
-            batch=batch,
-            context=context,
-            budget=speculative.budget,
+    if speculative.draft_weights == "int8" and any(
+        map(is_quantized, jax.tree.leaves(model.params, is_leaf=is_quantized))
+    ):
+        raise ValueError(
+            "draft_weights='int8' copies float weights to int8; this model's weights are quantized already"
         )
-    return Speculation(gamma, speculative.budget, speculative.sinks) if gamma else Speculation(0)
+    gamma = speculative.gamma
+    if gamma is None:  # the cost model's choice for this batch and context, at this device's roofline
+        costs = PassCosts.of(model.config, model.params)
+        gamma = choose_gamma(
+            speculative.acceptance, costs=costs, roofline=roofline_here(), batch=batch, context=context,
+            budget=speculative.budget,
+        )  # fmt: skip
+    in_place = skips_outside_window(model.attention)
+    return Speculation(gamma, speculative.budget, speculative.sinks, in_place=in_place) if gamma else None
+
+
+def draft_params(model: Model, speculative: SelfSpeculative | DraftModel) -> Params | None:
+    """The draft's weights: a draft model's, an int8 copy of the model's (made once), or None (the model's)."""
+    if isinstance(speculative, DraftModel):
+        return speculative.draft.params
+    if speculative.draft_weights != "int8":
+        return None
+    if "int8" not in model.derived:
+        host = weights.to_model_layout(jax.tree.map(parallel.fetch, model.params))  # the loaders' [out, in]
+        dtype = str(jnp.dtype(model.params["embed"].dtype))
+        int8 = weights.to_model_layout(quantize_params(host, "int8", dtype=dtype))
+        # int8 columns split over `model` as they are (no re-packing): the sharded layout is kept
+        model.derived["int8"] = (
+            jax.tree.map(jnp.asarray, int8)
+            if model.mesh is None
+            else parallel.place(int8, weights.specs(int8), model.mesh)
+        )
+    return model.derived["int8"]
 
 
 def _shapes(model: Model, prompts: list[list[int]], max_new_tokens: int, extra: int) -> tuple[int, int, int]:
@@ -377,8 +402,6 @@ def start(
         stop_ids = model.tokenizer.stop_ids if model.tokenizer is not None else ()
     stop_ids = tuple(token_ids(model, stop_ids, "stop_ids"))
     speculation = _speculation(model, speculative, sampling, len(encoded), max(map(len, encoded)))
-    if speculation is not None and speculation.gamma == 0:
-        speculation = None  # the cost model predicts no gain: decode plainly
     gamma = max(reserve_gamma, 0 if speculation is None else speculation.gamma)
     arrays, plan = prepare(sampling, len(encoded))
     rows = _rows_for_mesh(model, len(encoded))  # on a mesh the batch splits over `data`
@@ -389,13 +412,13 @@ def start(
     tokens, lengths = _pad(padded, prompt_len)
     keys = jax.random.split(jax.random.key(seed), len(padded))
     tokens, lengths, keys, arrays, limit = _on_mesh(model, (tokens, lengths, keys, arrays, np.int32(max_new_tokens)))
-    draft_params = speculative.draft.params if isinstance(speculative, DraftModel) else None
-    args = (model.params, tokens, lengths, keys, arrays, draft_params)
+    draft = draft_params(model, speculative) if speculation is not None else None
+    args = (model.params, tokens, lengths, keys, arrays, draft)
     executable, compile_s = compiled(model, prefill, settings, args)
     begin = time.perf_counter()
     state = jax.block_until_ready(executable(*args))
     prefill_s = time.perf_counter() - begin
-    return Run(model, settings, encoded, state, arrays, int(max_new_tokens), limit, draft_params, compile_s, prefill_s)
+    return Run(model, settings, encoded, state, arrays, int(max_new_tokens), limit, draft, compile_s, prefill_s)
 
 
 def generate(model: Model, prompts: Any, *, speculative: Any = None, **request: Any) -> GenerationResult:

@@ -141,4 +141,4 @@ def shard(model: Model, mesh: jax.sharding.Mesh) -> Model:
     host = jax.tree.map(np.asarray, model.params)
     layout = weights.shard_layout(host, model.config, model_size)
     params = parallel.place(layout, weights.specs(layout), mesh)
-    return replace(model, params=params, mesh=mesh, executables={})
+    return replace(model, params=params, mesh=mesh, executables={}, derived={})

@@ -39,13 +39,18 @@ class Speculation:
 
     gamma: tokens drafted per round. budget, sinks: the StreamingLLM view a self-draft reads.
     draft_config: a draft model's config (its params are the programs' `draft_params`); None drafts
-    with the model itself.
+    with the model itself (with `draft_params`, if given: the same model's weights in another form,
+    e.g. int8, with its own cache).
+    in_place: the self-draft reads the view in place, through the attention's window and sinks (where
+    the kernels skip what lies outside: `attention.skips_outside_window`), rather than gathering a
+    copy of it each round (XLA on CPU, where a windowed read still reads the whole cache).
     """
 
     gamma: int
     budget: int = 512
     sinks: int = 16
     draft_config: ModelConfig | None = None
+    in_place: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,10 +247,11 @@ def _draft(
     steps: int,
     keys: jax.Array,
     sampling: SamplingArrays,
+    kv_view: tuple[int, int] | None = None,
 ) -> tuple[KVCache, jax.Array, jax.Array | None]:
     """`steps` single-token draft passes from each row's last token at its true position (cache slots
-    from `cache.lengths`). Returns (cache, draft tokens `[B, steps]`, their distributions `[B, steps, V]`
-    or None when every row is greedy)."""
+    from `cache.lengths`; `kv_view` as in `model.apply`). Returns (cache, draft tokens `[B, steps]`,
+    their distributions `[B, steps, V]` or None when every row is greedy)."""
     plan, parallel, positions = settings.plan, settings.parallel, state.kv_cache.lengths
 
     def one(carry, i):
@@ -258,6 +264,7 @@ def _draft(
             cache,
             logits_at=jnp.zeros_like(token),
             cache_start=cache.lengths,
+            kv_view=kv_view,
         )
         if plan.all_greedy:
             nxt = col.argmax_tokens(logits, parallel)
@@ -284,10 +291,15 @@ def _speculative_step(
     spec, config, plan = settings.speculation, settings.config, settings.plan
     gamma, lengths = spec.gamma, state.kv_cache.lengths
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, state.step)
-    draft_cache = state.draft_cache
-    if spec.draft_config is None:  # the model on the StreamingLLM view of its own cache
-        view = streaming_view(state.kv_cache, spec.budget, spec.sinks, gamma + 1)
-        _, drafted, q = _draft(params, settings, config, view, state, gamma, keys, sampling)
+    draft_cache, cache = state.draft_cache, state.kv_cache
+    self_weights = params if draft_params is None else draft_params  # a self-draft's weights (maybe int8)
+    if spec.draft_config is None and spec.in_place:  # the model on its own cache, seen through the view
+        view = (spec.budget - spec.sinks + 1, spec.sinks)  # + 1: the new token, as the gathered view holds it
+        cache, drafted, q = _draft(self_weights, settings, config, cache, state, gamma, keys, sampling, view)
+        cache = cache._replace(lengths=lengths)  # the draft's entries are overwritten by the verification
+    elif spec.draft_config is None:  # the model on a gathered copy of the StreamingLLM view
+        view = streaming_view(cache, spec.budget, spec.sinks, gamma + 1)
+        _, drafted, q = _draft(self_weights, settings, config, view, state, gamma, keys, sampling)
     else:  # gamma + 1 steps: the draft's cache then holds the last draft token too
         draft_cache, drafted, q = _draft(
             draft_params, settings, spec.draft_config, draft_cache, state, gamma + 1, keys, sampling
@@ -296,7 +308,7 @@ def _speculative_step(
 
     block = jnp.concatenate([state.last_token[:, None], drafted], axis=1)  # [B, gamma + 1]
     positions = lengths[:, None] + jnp.arange(gamma + 1)[None, :]
-    logits, cache = settings.forward(params, config, block, positions, state.kv_cache)
+    logits, cache = settings.forward(params, config, block, positions, cache)
     if plan.all_greedy:
         flat = col.argmax_tokens(logits.reshape(-1, logits.shape[-1]), settings.parallel)
         tokens, accepted = verify_greedy(drafted, flat.reshape(block.shape))

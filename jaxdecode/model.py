@@ -114,6 +114,7 @@ class Attention(nn.Module):
     layer: int
     impl: str = "auto"
     parallel: Parallel | None = None
+    kv_view: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(
@@ -147,7 +148,9 @@ class Attention(nn.Module):
             slopes = jnp.asarray(alibi_slopes(cfg))
             if parallel is not None:  # this shard's heads
                 slopes = lax.dynamic_slice_in_dim(slopes, par.shard_index(parallel) * num_heads, num_heads)
-        window, softcap = cfg.window(self.layer), cfg.attn_softcap
+        window, sinks, softcap = cfg.window(self.layer), 0, cfg.attn_softcap
+        if self.kv_view is not None and (window is None or self.kv_view[0] < window):
+            window, sinks = self.kv_view  # the StreamingLLM view, read in place
         options = dict(scale=cfg.scale, alibi_slopes=slopes, window=window, softcap=softcap, impl=self.impl)
         q_heads = q.transpose(0, 2, 1, 3)  # [B, Hq, T, D]
 
@@ -158,7 +161,7 @@ class Attention(nn.Module):
             out = attention.prefill_attention(q_heads, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), **options)
         else:
             lengths = start + steps
-            out = attention.cached_attention(q_heads, layer_cache[0], layer_cache[1], lengths, **options)
+            out = attention.cached_attention(q_heads, layer_cache[0], layer_cache[1], lengths, sinks=sinks, **options)
         out = out.transpose(0, 2, 1, 3).reshape(batch, steps, num_heads * cfg.head_dim)
         return Linear(cfg.d_model, cfg.out_bias, parallel, name="o")(out), layer_cache
 
@@ -186,12 +189,13 @@ class Block(nn.Module):
     layer: int
     impl: str = "auto"
     parallel: Parallel | None = None
+    kv_view: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x, positions, layer_cache, prefill, cache_start=None):
         cfg = self.config
         h = Norm(cfg, name="attn_norm")(x)
-        attention_layer = Attention(cfg, self.layer, self.impl, self.parallel, name="attn")
+        attention_layer = Attention(cfg, self.layer, self.impl, self.parallel, self.kv_view, name="attn")
         attn_out, layer_cache = attention_layer(h, positions, layer_cache, prefill, cache_start)
         mlp = MLP(cfg, self.parallel, name="mlp")
         if cfg.parallel_block:
@@ -214,6 +218,7 @@ class Decoder(nn.Module):
     impl: str = "auto"
     dtype: Any = jnp.float32
     parallel: Parallel | None = None
+    kv_view: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(
@@ -240,7 +245,7 @@ class Decoder(nn.Module):
         keys, values = [], []
         for i in range(cfg.num_layers):
             layer_cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
-            block = Block(cfg, i, self.impl, parallel, name=f"layer_{i}")
+            block = Block(cfg, i, self.impl, parallel, self.kv_view, name=f"layer_{i}")
             x, layer_cache = block(x, positions, layer_cache, prefill, cache_start)
             if layer_cache is not None:
                 keys.append(layer_cache[0])
@@ -275,6 +280,7 @@ def apply(
     attention_impl: str = "auto",
     parallel: Parallel | None = None,
     cache_start: jax.Array | None = None,
+    kv_view: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder.
 
@@ -295,12 +301,15 @@ def apply(
       cache_start: int32 `[B]`: the cache slot of each row's first token when it is not its position
         (a compacted cache, e.g. the StreamingLLM view of self-speculative drafting); default
         `positions[:, 0]`. Positions still set RoPE / ALiBi / learned embeddings.
+      kv_view: (recent, sinks), static: cached attention sees only each query's last `recent` keys and
+        the first `sinks` (a StreamingLLM view of the cache, read in place: the Pallas kernels skip
+        the blocks outside it). A layer's own smaller window wins.
 
     Returns:
       (logits float32 `[B, T, vocab]` or `[B, vocab]`, the updated cache or None).
     """
     dtype = jnp.dtype(params["embed"].dtype)  # a quantized embedding names its float dtype
-    return Decoder(config, attention_impl, dtype, parallel).apply(
+    return Decoder(config, attention_impl, dtype, parallel, kv_view).apply(
         {"params": params}, tokens, positions, kv_cache, prefill, logits_at, cache_start
     )
 

@@ -37,7 +37,8 @@ from .loop import Decoding, Speculation, decode_loop, prefill
 from .model import init_params
 from .quantize import quantize_abstract
 from .sampling import Sampling, prepare
-from .targets import Target
+from .speculative import PassCosts
+from .targets import Roofline, Target
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -100,7 +101,8 @@ def generation_program(
     _check_mesh(config, workload, data, model)
     params = _sharded_params(config, workload, model)
     arrays, sampling_plan = prepare(Sampling(), workload.batch)
-    speculation = None if workload.gamma is None else Speculation(workload.gamma)
+    in_place = workload.attention != "xla"  # the targets' kernels read the self-draft's view in place
+    speculation = None if workload.gamma is None else Speculation(workload.gamma, in_place=in_place)
     buffer = workload.new_tokens + workload.extra_slots
     settings = Decoding(
         config, sampling_plan, buffer, workload.cache_len, (), workload.attention, speculation=speculation
@@ -172,19 +174,6 @@ def analytic_bytes(config: ModelConfig, workload: Workload, data: int, model: in
     return {"params": param_bytes, "kv_cache": kv_bytes}
 
 
-def _matmul_params(config: ModelConfig) -> int:
-    """Weights multiplied per token: every Linear weight and the LM head (the embedding is a lookup)."""
-    floats = jax.eval_shape(partial(init_params, config), jax.random.key(0))
-    total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(floats)[0]:
-        name = getattr(path[-1], "key", None)
-        if (name == "weight" and len(leaf.shape) == 2) or name == "lm_head":
-            total += int(np.prod(leaf.shape))
-    if config.tie_embeddings:
-        total += config.vocab_size * config.d_model
-    return total
-
-
 def roofline(
     config: ModelConfig, workload: Workload, target: Target, bytes_: dict[str, int], data: int, model: int
 ) -> float:
@@ -194,12 +183,11 @@ def roofline(
     Llama-3.1-8B.)"""
     mean_len = workload.prompt_len + workload.new_tokens / 2
     kv_read = bytes_["kv_cache"] * mean_len / workload.cache_len
-    seconds_bytes = (bytes_["params"] + kv_read) / target.bandwidth
-    rows = workload.batch / data * (1 if workload.gamma is None else workload.gamma + 1)
-    attention_flops = 4 * rows * config.num_heads * config.head_dim * mean_len * config.num_layers
-    flops = (2 * rows * _matmul_params(config) + attention_flops) / model
+    costs = PassCosts.of(config, jax.eval_shape(partial(init_params, config), jax.random.key(0)))
+    rows, tokens = workload.batch / data, 1 if workload.gamma is None else workload.gamma + 1
+    flops = rows * tokens * (costs.matmul_flops + mean_len * costs.attention_flops) / model
     peak = target.int8_ops if workload.quant else target.bf16_flops
-    return max(seconds_bytes, flops / peak)
+    return Roofline(target.bandwidth, peak, target.name).seconds(bytes_["params"] + kv_read, flops)
 
 
 def _compile(config: ModelConfig, workload: Workload, target: Target, data: int, model: int) -> dict[str, Any]:

@@ -79,7 +79,8 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.size) * a.dtype.itemsize for a in (self.values, self.scales, self.offsets) if a is not None)
+        parts = (self.values, self.scales, self.offsets)
+        return sum(math.prod(a.shape) * a.dtype.itemsize for a in parts if a is not None)
 
 
 def _padded_in(columns: int, group_size: int, four_bit: bool) -> int:
@@ -285,7 +286,8 @@ def is_quantized(leaf: Any) -> bool:
 def param_bytes(params: Any) -> int:
     """Bytes of a parameter pytree as stored (quantized weights count their integers and scales)."""
     leaves = jax.tree.leaves(params, is_leaf=is_quantized)
-    return sum(int(leaf.nbytes) for leaf in leaves)  # NumPy, jax.Array and QuantizedWeight alike, no copy
+    # NumPy, jax.Array, QuantizedWeight and abstract (jax.ShapeDtypeStruct) leaves alike, no copy
+    return sum(leaf.nbytes if is_quantized(leaf) else math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in leaves)
 
 
 QUANT_CHOICES = ("int8", "int4", "native")

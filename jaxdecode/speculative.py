@@ -26,6 +26,7 @@ draws the same numbers from the replicated per-row keys).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -47,16 +48,22 @@ class SelfSpeculative:
     gamma: tokens drafted per round; None picks it with `choose_gamma` (the cost model; it may choose
       plain decoding where speculation is not predicted to pay).
     acceptance: the per-token acceptance rate the cost model assumes when gamma is None.
+    draft_weights: "same" (the model's own) or "int8": the draft multiplies by an int8 copy of the
+      weights (per output channel, made once per model), the verification by the model's own, so the
+      output is still exactly the model's.
     """
 
     budget: int = 512
     sinks: int = 16
     gamma: int | None = None
     acceptance: float = 0.8
+    draft_weights: str = "same"
 
     def __post_init__(self) -> None:
         if not 0 <= self.sinks < self.budget:
             raise ValueError(f"need 0 <= sinks < budget, got sinks={self.sinks}, budget={self.budget}")
+        if self.draft_weights not in ("same", "int8"):
+            raise ValueError(f"draft_weights must be 'same' or 'int8', got {self.draft_weights!r}")
         _check_gamma(self.gamma)
         if not 0.0 < self.acceptance < 1.0:
             raise ValueError(f"acceptance must be in (0, 1), got {self.acceptance}")
@@ -87,23 +94,61 @@ def expected_tokens(acceptance: float, gamma: int) -> float:
     return gamma + 1.0 if acceptance >= 1 else (1 - acceptance ** (gamma + 1)) / (1 - acceptance)
 
 
+@dataclasses.dataclass(frozen=True)
+class PassCosts:
+    """What a decode pass of a model reads and computes, per row and per key: `of(config, params)`."""
+
+    weight_bytes: float  # every weight, read once per pass
+    matmul_flops: float  # per new token through the weights: 2 x multiplied params
+    kv_bytes_per_token: float  # K and V of one cached token, all layers
+    attention_flops: float  # per new token and key attended: 4 x query heads x head_dim x layers
+
+    @classmethod
+    def of(cls, config: Any, params: Any) -> PassCosts:
+        """From a `ModelConfig` and its (float or quantized) params; the cache in the params' float dtype."""
+        from .quantize import is_quantized, param_bytes
+
+        leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+        multiplied = sum(
+            math.prod(leaf.shape) for path, leaf in leaves if getattr(path[-1], "key", None) in ("weight", "lm_head")
+        )
+        if config.tie_embeddings:
+            multiplied += config.vocab_size * config.d_model  # the embedding, as the LM head
+        itemsize = jnp.dtype(params["embed"].dtype).itemsize  # a quantized embedding names its float dtype
+        per_layer = config.num_kv_heads * config.head_dim
+        return cls(
+            weight_bytes=param_bytes(params),
+            matmul_flops=2 * multiplied,
+            kv_bytes_per_token=config.num_layers * 2 * per_layer * itemsize,
+            attention_flops=4 * config.num_heads * config.head_dim * config.num_layers,
+        )
+
+
+def pass_seconds(costs: PassCosts, roofline: Any, rows: int, new_tokens: int, keys: int) -> float:
+    """The roofline time of one pass: `rows` rows of `new_tokens` tokens each, attending to `keys`
+    cached keys per row (a `targets.Roofline` for the device)."""
+    bytes_read = costs.weight_bytes + rows * keys * costs.kv_bytes_per_token
+    flops = rows * new_tokens * (costs.matmul_flops + keys * costs.attention_flops)
+    return roofline.seconds(bytes_read, flops)
+
+
 def predicted_speedup(
-    acceptance: float, gamma: int, weight_bytes: float, kv_bytes_per_token: float, batch: int, context: int, budget: int
+    acceptance: float, gamma: int, costs: PassCosts, roofline: Any, batch: int, context: int, budget: int
 ) -> float:
-    """Speedup over plain decoding when every pass is memory-bound (MagicDec's model): a pass costs the
-    bytes it reads, weights once plus the KV entries each row attends to. The draft reads
-    `min(budget, context)` entries per row, the target and the verification (gamma + 1 tokens in one
-    pass) the whole context."""
-    target = weight_bytes + batch * context * kv_bytes_per_token
-    draft = weight_bytes + batch * min(budget, context) * kv_bytes_per_token
-    return expected_tokens(acceptance, gamma) / ((gamma * draft + target) / target)
+    """Speedup over plain decoding with each pass at its roofline time (`pass_seconds`): plain decoding
+    is one pass over the whole context per token; a round is gamma draft passes over the view
+    (`min(budget, context)` keys) and one verification pass of gamma + 1 tokens over the context, and
+    yields `expected_tokens`. MagicDec's model counted the bytes only: on a CPU, where the verification
+    of batch x (gamma + 1) rows is compute-bound, it over-predicted 1.1-1.7x."""
+    plain = pass_seconds(costs, roofline, batch, 1, context)
+    draft = pass_seconds(costs, roofline, batch, 1, min(budget, context))
+    verify = pass_seconds(costs, roofline, batch, gamma + 1, context)
+    return expected_tokens(acceptance, gamma) * plain / (gamma * draft + verify)
 
 
-# The byte model leaves out compute: on the CPU it predicted 1.15-1.86x where 0.65-1.13x was measured
-# (`jaxdecode bench --suite spec`: the draft's batched small attention dots and the gamma + 1 query
-# verification are not free there), and long drafts did worst. So speculation is chosen only with a
-# predicted margin, and gamma stays <= 4 (MagicDec's best gammas were 2-4 as well).
-MIN_PREDICTED_SPEEDUP = 1.3
+# Speculation is chosen where the roofline predicts a margin over plain decoding (it leaves out the
+# per-pass overheads a round has more of), and gamma stays <= 4 (MagicDec's best gammas were 2-4).
+MIN_PREDICTED_SPEEDUP = 1.1
 MAX_GAMMA = 4
 
 
@@ -126,6 +171,9 @@ def streaming_view(cache: KVCache, budget: int, sinks: int, extra: int) -> KVCac
     slots = jnp.arange(budget)[None, :]  # [1, budget]
     recent = lengths[:, None] - budget + slots  # the last budget - sinks entries, for slots >= sinks
     index = jnp.where((lengths[:, None] > budget) & (slots >= sinks), recent, slots)  # [B, budget]
+    # A budget beyond the cache's slots (a short request) reads its last slot again: out-of-range gathers
+    # fill with NaN, and a NaN value times its zero attention weight is NaN (it made every draft wrong).
+    index = jnp.minimum(index, cache.keys[0].shape[2] - 1)
 
     def gather(buffer: jax.Array) -> jax.Array:  # [B, H, S, D] -> [B, H, budget + extra, D]
         picked = jnp.take_along_axis(buffer, index[:, None, :, None], axis=2)

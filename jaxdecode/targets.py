@@ -150,3 +150,50 @@ def compile_only_devices(target: Target | str) -> list:
             f"{AOT_INSTALL}, at jax's version)"
         ) from error
     return list(topology.devices)[: target.devices]
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+    """A device's two ceilings: a pass takes max(bytes / bandwidth, FLOPs / flops) seconds."""
+
+    bandwidth: float  # bytes/s
+    flops: float  # FLOP/s
+    source: str  # "table: h100" or "measured on CPU"
+
+    def seconds(self, bytes_read: float, flops: float) -> float:
+        return max(bytes_read / self.bandwidth, flops / self.flops)
+
+
+# Substrings of `device.device_kind` -> the target whose per-chip figures apply.
+_KINDS = {"v5 lite": "v5e-1", "v5e": "v5e-1", "v6": "v6e-1", "v5p": "v5p-8", "h100": "h100", "a100": "a100", "l4": "l4"}
+
+
+@functools.cache
+def roofline_here() -> Roofline:
+    """The default device's roofline: the table's figures for a known TPU / GPU (bf16 peak), else measured
+    once per process (CPU): a float32 matrix-vector product over a 128 MB matrix for the bandwidth, a
+    float32 [256, 2048] x [2048, 2048] product for the FLOP rate, medians of 5 after a warm-up."""
+    device = jax.devices()[0]
+    kind = device.device_kind.lower()
+    for key, name in _KINDS.items():
+        if device.platform != "cpu" and key in kind:
+            return Roofline(TARGETS[name].bandwidth, TARGETS[name].bf16_flops, f"table: {name}")
+    import time
+
+    import jax.numpy as jnp
+
+    def rate(fn, *args) -> float:
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+        return sorted(times)[2]
+
+    matmul = jax.jit(jnp.matmul)
+    matrix = jnp.ones((8192, 4096), jnp.float32)
+    bandwidth = matrix.nbytes / rate(matmul, jnp.ones((1, 8192), jnp.float32), matrix)
+    square = jnp.ones((2048, 2048), jnp.float32)
+    flops = 2 * 256 * 2048 * 2048 / rate(matmul, jnp.ones((256, 2048), jnp.float32), square)
+    return Roofline(bandwidth, flops, f"measured on {device.platform.upper()}")

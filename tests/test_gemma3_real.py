@@ -92,6 +92,7 @@ def test_logits_match_hf(model, hf):
     assert err <= 1e-4 * np.abs(expected).max(), f"max |diff| {err:.3g}, max |logit| {np.abs(expected).max():.3g}"
 
 
+@pytest.mark.slow  # test_logits_match_hf keeps the real model's parity with HF in the default set
 def test_greedy_tokens_match_hf(model, hf):
     """Greedy continuations agree token for token, except after a near tie in HF's own logits."""
     reference, tokenizer = hf

@@ -67,7 +67,8 @@ def test_tiny_gqa_model_on_meshes(tiny, data, model_size):
     _check_mesh(tiny, data, model_size, _tokens(3, 11, TINY.vocab_size), PROMPTS_FOR_MESH)
 
 
-# Falcon and GPT-BigCode (MQA, like the tiny GQA model's replicated KV head) run in the slow set.
+# Falcon and GPT-BigCode (MQA, like the tiny GQA model's replicated KV head) and BLOOM (ALiBi, as MPT) run in
+# the slow set.
 SLOW_FAMILY = pytest.mark.slow
 
 
@@ -77,7 +78,7 @@ SLOW_FAMILY = pytest.mark.slow
         "llama",
         pytest.param("gpt_bigcode", marks=SLOW_FAMILY),
         pytest.param("falcon", marks=SLOW_FAMILY),
-        "bloom",
+        pytest.param("bloom", marks=SLOW_FAMILY),
         "mpt",
     ],
 )

@@ -227,6 +227,7 @@ def test_decode_loop_never_materialises_a_float_weight(quant):
     assert "copy_dot_fusion" in hlo  # the fused dequantize-dot loops
 
 
+@pytest.mark.slow  # the premise of the check above (it can fail); the product's behaviour is tested there
 def test_float_decode_loop_hlo_check_can_fail():
     """The check above does see a materialised dequantization when there is one (prefill's dense path)."""
     model = jd.load("smollm2-135m", quant="int8")

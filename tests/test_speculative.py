@@ -5,13 +5,15 @@ sampling, the sharded verifier equal to the single-device one, the cost model, a
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxdecode as jd
-from jaxdecode import bench, speculative
+from jaxdecode import bench, speculative, targets
 
 from tiny import TINY, tiny_model
 
@@ -102,7 +104,10 @@ def _ragged_long_prompts() -> list[list[int]]:
     return [text, text[:130], text[40:190]]  # all longer than the budget below
 
 
-@pytest.mark.parametrize("gamma", [pytest.param(1, marks=pytest.mark.slow), 3])
+# SmolLM2 with prompts longer than the budget; the default set checks greedy equality through the view on the
+# tiny model (test_view_read_in_place_is_the_gathered_view, test_speculative_stream_equals_generate).
+@pytest.mark.slow
+@pytest.mark.parametrize("gamma", [1, 3])
 def test_self_speculative_greedy_equals_plain_greedy(smollm2, gamma):
     prompts = _ragged_long_prompts()
     plain = jd.generate(smollm2, prompts, max_new_tokens=24, stop_ids=())
@@ -118,7 +123,7 @@ def test_self_speculative_greedy_equals_plain_greedy(smollm2, gamma):
     assert spec.decode_steps < 24  # fewer passes than tokens: drafts were accepted
 
 
-@pytest.mark.parametrize("kind", ["self", "draft"])
+@pytest.mark.parametrize("kind", ["self", pytest.param("draft", marks=pytest.mark.slow)])
 def test_speculative_stream_equals_generate(kind):
     """`stream(..., speculative=...)` yields what `generate` returns (greedy and sampled), and a stop
     token found on the device in the middle of a round cuts both where plain decoding stops."""
@@ -159,6 +164,58 @@ def test_streaming_view_really_differs_from_the_full_cache():
     assert float(jnp.max(jnp.abs(a - b))) > 1e-3
     short = speculative.streaming_view(cache._replace(lengths=jnp.asarray([9])), budget=12, sinks=4, extra=2)
     np.testing.assert_array_equal(short.keys[0][0, :, :9], cache.keys[0][0, :, :9])  # <= budget: everything
+    wide = speculative.streaming_view(cache, budget=80, sinks=4, extra=2)  # more than the cache's 64 slots
+    assert bool(jnp.all(jnp.isfinite(wide.keys[0]))) and int(wide.lengths[0]) == 40
+
+
+@pytest.mark.parametrize("attention", ["xla", "interpret"])
+def test_view_read_in_place_is_the_gathered_view(attention):
+    """The self-draft's view read in place (`kv_view`: the kernels' window + sinks over the full cache)
+    gives the first draft step's logits of the gathered copy, and self-speculation through it keeps
+    plain greedy decoding's tokens (the interpret-mode TPU kernel here; what TPUs and GPUs run)."""
+    model = dataclasses.replace(tiny_model(), attention=attention)
+    cache = jd.init_cache(TINY, 1, 64)
+    positions = jnp.arange(40)[None]
+    _, cache = jd.apply(model.params, TINY, jnp.asarray([list(range(1, 41))]), positions, cache, prefill=True)
+    new, at = jnp.asarray([[7]]), jnp.asarray([[40]])
+    view = speculative.streaming_view(cache, budget=12, sinks=4, extra=2)
+    gathered, _ = jd.apply(model.params, TINY, new, at, view, cache_start=view.lengths, attention_impl=attention)
+    in_place, _ = jd.apply(model.params, TINY, new, at, cache, kv_view=(12 - 4 + 1, 4), attention_impl=attention)
+    full, _ = jd.apply(model.params, TINY, new, at, cache, attention_impl=attention)
+    np.testing.assert_allclose(in_place, gathered, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(in_place - full))) > 1e-3  # the view hides something
+    if attention == "interpret":
+        prompts = [list(range(3, 30)), list(range(50, 60))]
+        plain = jd.generate(model, prompts, max_new_tokens=10, stop_ids=()).tokens
+        spec = jd.SelfSpeculative(budget=12, sinks=4, gamma=2)
+        assert jd.generate(model, prompts, max_new_tokens=10, stop_ids=(), speculative=spec).tokens == plain
+
+
+def test_int8_self_draft_keeps_the_models_tokens():
+    """The quantized self-draft: an int8 copy of the weights drafts on the view, the float model verifies
+    (greedy: its own tokens exactly; on a mesh too); the copy is made once per model."""
+    model = tiny_model()
+    prompts = [list(range(3, 30)), list(range(50, 60))]
+    plain = jd.generate(model, prompts, max_new_tokens=10, stop_ids=()).tokens
+    spec = jd.SelfSpeculative(budget=64, sinks=4, gamma=3, draft_weights="int8")
+    out = jd.generate(model, prompts, max_new_tokens=10, stop_ids=(), speculative=spec)
+    assert out.tokens == plain and out.speculation["acceptance_rate"] > 0.5  # int8 drafts mostly agree
+    int8 = model.derived["int8"]
+    assert int8["layer_0"]["mlp"]["up"]["weight"].kind == "int8"
+    jd.generate(model, prompts, max_new_tokens=4, stop_ids=(), speculative=spec)
+    assert model.derived["int8"] is int8
+    sharded = jd.shard(model, jd.make_mesh(data=2, model=2))
+    assert jd.generate(sharded, prompts, max_new_tokens=10, stop_ids=(), speculative=spec).tokens == plain
+    with pytest.raises(ValueError, match="quantized already"):
+        jd.generate(jd.Model(TINY, _int8(model), None), prompts, max_new_tokens=4, speculative=spec)
+
+
+def _int8(model):
+    from jaxdecode.quantize import quantize_params
+    from jaxdecode.weights import to_model_layout
+
+    host = to_model_layout(jax.tree.map(np.asarray, model.params))
+    return jax.tree.map(jnp.asarray, to_model_layout(quantize_params(host, "int8")))
 
 
 @pytest.mark.slow  # the draft path stays in the default set through tiny models (the distribution test below)
@@ -233,7 +290,10 @@ def test_sharded_verifier_equals_single_device():
 def test_cost_model():
     # MagicDec's numbers: acceptance 0.8, gamma 3 -> 2.95 tokens per round
     assert speculative.expected_tokens(0.8, 3) == pytest.approx(2.952)
-    costs = dict(weight_bytes=538e6, kv_bytes_per_token=46e3, budget=512)
+    # SmolLM2 in float32: 538 MB of weights, 46 KB of K/V per token
+    smollm2 = speculative.PassCosts(538e6, 2 * 134.5e6, 46e3, 4 * 9 * 64 * 30)
+    tpu = targets.Roofline(bandwidth=819e9, flops=197e12, source="v5e")  # memory-bound at these batches
+    costs = dict(costs=smollm2, roofline=tpu, budget=512)
     # short context, batch 1: the draft costs what the model does -> no speedup: plain decoding (gamma 0)
     assert speculative.predicted_speedup(0.8, 3, batch=1, context=256, **costs) < 1
     assert speculative.choose_gamma(0.8, batch=1, context=256, **costs) == 0
@@ -243,6 +303,10 @@ def test_cost_model():
     assert speculative.choose_gamma(0.9, batch=16, context=8192, **costs) >= speculative.choose_gamma(
         0.6, batch=16, context=8192, **costs
     )
+    # where the verification's batch x (gamma + 1) rows are compute-bound (a 2-core CPU), less is predicted
+    cpu = dict(costs, roofline=targets.Roofline(bandwidth=40e9, flops=100e9, source="cpu"))
+    on_cpu = speculative.predicted_speedup(0.8, 3, batch=16, context=8192, **cpu)
+    assert on_cpu < speculative.predicted_speedup(0.8, 3, batch=16, context=8192, **costs) / 1.2
     # gamma=None at a short context decodes plainly, and says so
     out = jd.generate(tiny_model(), [[5, 17, 33]], max_new_tokens=6, speculative=jd.SelfSpeculative(budget=8, sinks=2))
     assert out.speculation["gamma"] == 0
