@@ -355,8 +355,8 @@ def saved_config(directory: str | os.PathLike[str]) -> ModelConfig:
 def load(directory: str | os.PathLike[str], shardings: Any = None) -> tuple[ModelConfig, Any, Tokenizer | None]:
     """Restore (config, params, tokenizer) from a checkpoint.
 
-    `shardings`: None (params come back as host NumPy arrays), or a function from the abstract params
-    (quantized weights as `QuantizedWeight`s of shapes) to a tree of `jax.sharding.Sharding` of the same
+    `shardings`: None (params come back as host NumPy arrays), or a function from (the config, the abstract
+    params: quantized weights as `QuantizedWeight`s of shapes) to a tree of `jax.sharding.Sharding` of the same
     structure, or to None (then host arrays as without it): Orbax reads each device's shard straight
     onto it. Every file is checked against the manifest, and every tensor's
     shape against the config, before any array is read."""
@@ -389,7 +389,7 @@ def load(directory: str | os.PathLike[str], shardings: Any = None) -> tuple[Mode
         # Saved as the model holds them: float Linear weights [in, out], quantized ones [out, in].
         joined = _join_quantized(abstract, quantized, params_dir)
         check_params(config, joined, params_dir, in_out=True)
-        placement = None if shardings is None else shardings(joined)
+        placement = None if shardings is None else shardings(config, joined)
         if placement is None:
             cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
             target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)

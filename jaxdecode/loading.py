@@ -94,14 +94,13 @@ def _load_checkpoint(path: Path, dtype: str, backend: str, mesh: jax.sharding.Me
     model_size = 1 if mesh is None else mesh.shape[MODEL]
     direct = []  # whether the params were read straight onto the mesh
 
-    def shardings(abstract: Any) -> Any:
+    def shardings(config: ModelConfig, abstract: Any) -> Any:
         if not weights.layout_is_identity(abstract, config, model_size):
             return None
         parallel.check_config(config, model_size, abstract)
         direct.append(True)
         return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), weights.specs(abstract))
 
-    config = checkpoint.saved_config(path)
     config, params, tokenizer = checkpoint.load(path, shardings if mesh is not None else None)
     float_dtype = DTYPES[dtype]
 

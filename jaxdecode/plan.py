@@ -77,15 +77,17 @@ def abstract_params(config: ModelConfig, workload: Workload) -> Any:
     return quantize_abstract(floats, workload.quant, workload.group_size, workload.dtype)
 
 
-def _check_mesh(config: ModelConfig, workload: Workload, data: int, model: int) -> None:
+def _check_mesh(config: ModelConfig, workload: Workload, data: int, model: int, params: Any = None) -> None:
+    """Refuse a mesh the batch or the model (its abstract `params`, made here if not given) cannot split."""
     if workload.batch % data:
         raise ValueError(f"batch {workload.batch} does not split over data={data}")
-    parallel.check_config(config, model, abstract_params(config, workload) if workload.quant else None)
+    if params is None and workload.quant:
+        params = abstract_params(config, workload)
+    parallel.check_config(config, model, params if workload.quant else None)
 
 
-def _sharded_params(config: ModelConfig, workload: Workload, model: int) -> Any:
-    """The abstract params in the layout of a `model`-way split (`weights.shard_layout`)."""
-    params = abstract_params(config, workload)
+def _sharded_params(config: ModelConfig, params: Any, model: int) -> Any:
+    """Abstract params in the layout of a `model`-way split (`weights.shard_layout`)."""
     if model == 1:
         return params
     return jax.eval_shape(partial(weights.shard_layout, config=config, model_size=model, xp=jnp), params)
@@ -98,8 +100,9 @@ def generation_program(
     as a `data x model` mesh (a single device when both are 1). `program.lower(*args).compile()`
     compiles it for whatever platform the devices belong to; the program returns the final loop state
     (KV cache included), as `jaxdecode.generate`'s decode executable does: the same engine programs."""
-    _check_mesh(config, workload, data, model)
-    params = _sharded_params(config, workload, model)
+    params = abstract_params(config, workload)
+    _check_mesh(config, workload, data, model, params)
+    params = _sharded_params(config, params, model)
     arrays, sampling_plan = prepare(Sampling(), workload.batch)
     in_place = workload.attention != "xla"  # the targets' kernels read the self-draft's view in place
     speculation = None if workload.gamma is None else Speculation(workload.gamma, in_place=in_place)
@@ -154,7 +157,7 @@ def _sharded_bytes(leaf: Any, spec: P, mesh_shape: dict[str, int]) -> int:
 
 def analytic_bytes(config: ModelConfig, workload: Workload, data: int, model: int) -> dict[str, int]:
     """Per-device params and KV-cache bytes from the shapes alone (what needs no compiler)."""
-    params = _sharded_params(config, workload, model)
+    params = _sharded_params(config, abstract_params(config, workload), model)
     mesh_shape = {DATA: data, MODEL: model}
     specs = weights.specs(params)
     param_bytes = sum(

@@ -131,10 +131,10 @@ def check_shardable(params: Any, model_size: int) -> None:
     if model_size == 1:
         return
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
-        if is_quantized(leaf) and _role(path)[0] == "row":
-            columns = leaf.shape[1]
-            group = leaf.shape[1] if leaf.kind == "int8" else leaf.group_size
-            if columns % model_size or (columns // model_size) % group and leaf.kind != "int8":
+        # int8's one scale per row needs no whole groups; its columns split as the heads / MLP width do
+        if is_quantized(leaf) and leaf.kind != "int8" and _role(path)[0] == "row":
+            columns, group = leaf.shape[1], leaf.group_size
+            if columns % model_size or (columns // model_size) % group:
                 where = jax.tree_util.keystr(path)
                 fix = "a smaller --group-size" if leaf.kind == "int4" else "int8, or fewer model shards"
                 raise ValueError(
