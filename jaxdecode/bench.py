@@ -267,7 +267,7 @@ def _engines(args: argparse.Namespace, suite: dict) -> list[tuple[str, str, str 
     quants = args.quants if args.quants is not None else suite.get("quants", [None])
     engines = [("jaxdecode", d, q) for d in args.dtypes for q in quants]
     if "hf" in args.peers and "quants" not in suite:
-        engines += [("hf", "float32", None), ("hf", "bfloat16", None)]
+        engines += [("hf", d, None) for d in args.hf_dtypes]
     if "llamacpp" in args.peers:
         stored = gguf_file_type(model_file(args.model))
         engines.append(("llamacpp", stored, stored))
@@ -423,6 +423,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--peers", default="hf,llamacpp", help="comma-separated: hf, llamacpp (or 'none')")
     p.add_argument("--dtypes", default="float32", help="jaxdecode dtypes, comma-separated")
+    p.add_argument("--hf-dtypes", default="float32,bfloat16", help="HF transformers dtypes, comma-separated")
     p.add_argument("--runs", type=int, default=3, help="timed runs per engine and shape (median), after a warm-up")
     p.add_argument("--batch", type=int, nargs="+", help="override the suite's batch sizes")
     p.add_argument("--prompt", type=int, nargs="+", help="override the suite's prompt lengths")
@@ -464,8 +465,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [p for p in args.peers if p not in PEERS]
     if unknown:
         raise ValueError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)} (comma-separated) or 'none'")
-    args.dtypes = args.dtypes.split(",")
-    bad = [d for d in args.dtypes if d not in ("float32", "bfloat16")]
+    args.dtypes, args.hf_dtypes = args.dtypes.split(","), args.hf_dtypes.split(",")
+    bad = [d for d in args.dtypes + args.hf_dtypes if d not in ("float32", "bfloat16")]
     if bad:
         raise ValueError(f"unsupported dtype {bad[0]!r}; use float32 and/or bfloat16")
     if args.ppl_window < 2 or args.ppl_tokens < args.ppl_window:

@@ -178,17 +178,21 @@ def split_blocks(
     return kv_block, count
 
 
-def score_block(problem: Problem, scores, q_pos, key_pos, kv_len, slope):
-    """Scale, soft-cap, ALiBi and mask one tile of raw scores (float32 `[rows, keys]`).
-
-    q_pos int32 `[rows, 1]`, key_pos int32 `[1, keys]`, slope float32 `[rows, 1]`. Returns the masked
-    scores and the visibility mask.
-    """
+def scale_block(problem: Problem, scores, q_pos, key_pos, slope):
+    """Scale, soft-cap and ALiBi one tile of raw scores (float32 `[rows, keys]`); q_pos int32 `[rows, 1]`,
+    key_pos int32 `[1, keys]`, slope float32 `[rows, 1]`."""
     scores = scores * problem.scale
     if problem.softcap is not None:
         scores = jnp.tanh(scores / problem.softcap) * problem.softcap
     if problem.has_alibi:
         scores = scores + slope * (key_pos - q_pos).astype(jnp.float32)
+    return scores
+
+
+def score_block(problem: Problem, scores, q_pos, key_pos, kv_len, slope):
+    """`scale_block`, then mask (kv_len int32, broadcastable to `[rows, 1]`). Returns the masked scores
+    and the visibility mask."""
+    scores = scale_block(problem, scores, q_pos, key_pos, slope)
     mask = (key_pos <= q_pos) & (key_pos < kv_len)
     if problem.window is not None:
         in_window = key_pos > q_pos - problem.window

@@ -488,15 +488,24 @@ def test_tpu_kernel_computes_visible_blocks_and_fetches_little_else(case, num_sp
         assert dmas <= len(expected) + num_splits  # at most one wasted copy per split
 
 
-@pytest.mark.parametrize("window,alibi", [(None, False), (300, True)])
-def test_xla_prefill_in_chunks_matches_float64_reference(window, alibi):
-    """Long prompts take the chunked XLA prefill (query chunks against the keys up to their end)."""
+@pytest.mark.parametrize(
+    "window,alibi,softcap,dtype",
+    [(None, False, None, jnp.float32), (None, True, 3.0, jnp.float32), (200, True, 3.0, jnp.bfloat16)],
+)
+def test_xla_long_prefill_matches_float64_reference(window, alibi, softcap, dtype):
+    """Long prompts take the blocked XLA prefill: query blocks against only the key blocks they see (with
+    window 200 the last query block skips the first key block), without a mask where every query of
+    the block sees the whole key block (the last query block's first key block without a window)."""
     rng = np.random.default_rng(7)
-    seq = 1100  # three chunks, the last one partial
-    q, k, v = _inputs(rng, 2, 3, 1, seq, seq, 64, jnp.float32)
+    seq = 1100  # three key blocks, the last one partial; three query blocks
+    q, k, v = _inputs(rng, 2, 3, 1, seq, seq, 64, dtype)
     slopes = _slopes(rng, 3) if alibi else None
     lengths = np.array([seq, 700], np.int32)
-    out = pk.flash_attention(q, k, v, lengths=jnp.asarray(lengths), alibi_slopes=slopes, window=window, backend="xla")
+    out = pk.flash_attention(
+        q, k, v, lengths=jnp.asarray(lengths), alibi_slopes=slopes, window=window, softcap=softcap, backend="xla"
+    )
     q_pos = np.broadcast_to(np.arange(seq), (2, seq))
     valid = np.arange(seq)[None, :] < lengths[:, None]
-    check_against_reference(out, q, k, v, q_pos, lengths, valid, scale=0.125, slopes=slopes, window=window)
+    check_against_reference(
+        out, q, k, v, q_pos, lengths, valid, scale=0.125, slopes=slopes, window=window, softcap=softcap
+    )
