@@ -17,6 +17,7 @@ upper bound on speed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from functools import partial
 from pathlib import Path
@@ -69,21 +70,21 @@ class Workload:
         return self.prompt_len + self.new_tokens + self.extra_slots
 
 
+@functools.cache  # plan() asks for them per mesh, per check and for the roofline: one trace each
 def abstract_params(config: ModelConfig, workload: Workload) -> Any:
-    """The params `jaxdecode.load` would make for `config`, as `jax.ShapeDtypeStruct`s (model layout)."""
+    """The params `jaxdecode.load` would make for `config`, as `jax.ShapeDtypeStruct`s (model layout;
+    shared between callers: not to be modified)."""
     floats = jax.eval_shape(partial(init_params, config, dtype=DTYPES[workload.dtype]), jax.random.key(0))
     if workload.quant is None:
         return floats
     return quantize_abstract(floats, workload.quant, workload.group_size, workload.dtype)
 
 
-def _check_mesh(config: ModelConfig, workload: Workload, data: int, model: int, params: Any = None) -> None:
-    """Refuse a mesh the batch or the model (its abstract `params`, made here if not given) cannot split."""
+def _check_mesh(config: ModelConfig, workload: Workload, data: int, model: int) -> None:
+    """Refuse a mesh the batch or the model cannot split."""
     if workload.batch % data:
         raise ValueError(f"batch {workload.batch} does not split over data={data}")
-    if params is None and workload.quant:
-        params = abstract_params(config, workload)
-    parallel.check_config(config, model, params if workload.quant else None)
+    parallel.check_config(config, model, abstract_params(config, workload) if workload.quant else None)
 
 
 def _sharded_params(config: ModelConfig, params: Any, model: int) -> Any:
@@ -100,9 +101,8 @@ def generation_program(
     as a `data x model` mesh (a single device when both are 1). `program.lower(*args).compile()`
     compiles it for whatever platform the devices belong to; the program returns the final loop state
     (KV cache included), as `jaxdecode.generate`'s decode executable does: the same engine programs."""
-    params = abstract_params(config, workload)
-    _check_mesh(config, workload, data, model, params)
-    params = _sharded_params(config, params, model)
+    _check_mesh(config, workload, data, model)
+    params = _sharded_params(config, abstract_params(config, workload), model)
     arrays, sampling_plan = prepare(Sampling(), workload.batch)
     in_place = workload.attention != "xla"  # the targets' kernels read the self-draft's view in place
     speculation = None if workload.gamma is None else Speculation(workload.gamma, in_place=in_place)
@@ -186,7 +186,7 @@ def roofline(
     Llama-3.1-8B.)"""
     mean_len = workload.prompt_len + workload.new_tokens / 2
     kv_read = bytes_["kv_cache"] * mean_len / workload.cache_len
-    costs = PassCosts.of(config, jax.eval_shape(partial(init_params, config), jax.random.key(0)))
+    costs = PassCosts.of(config, abstract_params(config, dataclasses.replace(workload, quant=None)))  # FLOPs only
     rows, tokens = workload.batch / data, 1 if workload.gamma is None else workload.gamma + 1
     flops = rows * tokens * (costs.matmul_flops + mean_len * costs.attention_flops) / model
     peak = target.int8_ops if workload.quant else target.bf16_flops

@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 GiB = 2**30
 _GPU_TARGETS = Path(__file__).parent / "gpu_targets"
@@ -178,9 +180,6 @@ def roofline_here() -> Roofline:
     for key, name in _KINDS.items():
         if device.platform != "cpu" and key in kind:
             return Roofline(TARGETS[name].bandwidth, TARGETS[name].bf16_flops, f"table: {name}")
-    import time
-
-    import jax.numpy as jnp
 
     def rate(fn, *args) -> float:
         jax.block_until_ready(fn(*args))
