@@ -10,6 +10,7 @@ params on the mesh and `engine.py` for the programs).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,19 @@ def per_shard(count: int, parallel: Parallel | None) -> int:
 def local_kv_heads(count: int, parallel: Parallel | None) -> int:
     """KV heads per shard: fewer KV heads than shards leaves one (repeated) head on each shard."""
     return max(count // model_size(parallel), 1)
+
+
+def expert_slices(num_experts: int, parallel: Parallel | None) -> int:
+    """Into how many column slices each expert's MLP is cut so that the (virtual) experts split evenly over
+    the model shards: 1 when the experts do (expert parallelism), else `M / gcd(E, M)` (tensor parallelism
+    inside the experts, e.g. 2 experts on 4 shards: each shard holds half of one expert's columns)."""
+    m = model_size(parallel)
+    return m // math.gcd(num_experts, m)
+
+
+def local_experts(num_experts: int, parallel: Parallel | None) -> int:
+    """The (virtual) experts each model shard holds."""
+    return num_experts * expert_slices(num_experts, parallel) // model_size(parallel)
 
 
 def padded_vocab(vocab_size: int, parallel: Parallel | None) -> int:

@@ -27,6 +27,9 @@ FAMILIES = (
     "bloom",
     "mpt",
     "gpt_bigcode",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
 )
 
 
@@ -79,6 +82,7 @@ MAX_VOCAB = 1 << 24
 MAX_WIDTH = 1 << 20
 MAX_LAYERS = 4096
 MAX_CONTEXT = 1 << 28
+MAX_EXPERTS = 1 << 12
 _LIMITS = {
     "vocab_size": MAX_VOCAB,
     "d_model": MAX_WIDTH,
@@ -101,6 +105,7 @@ _BOOLS = (
     "tie_embeddings",
     "qk_norm",
     "sandwich_norm",
+    "normalize_routing",
 )
 _CHOICES = {
     "norm": ("rms", "layer"),
@@ -176,6 +181,16 @@ class ModelConfig:
     sandwich_norm: bool = False  # Gemma 2/3: norms after attention and after the MLP too (four per block)
     attn_softcap: float | None = None  # Gemma 2: scores become c * tanh(scores / c)
     final_softcap: float | None = None  # Gemma 2: logits become c * tanh(logits / c)
+    # Mixture of experts (Mixtral, Qwen2/3-MoE): `num_experts` gated MLPs of width `expert_ffn_dim` per MoE
+    # layer, `experts_per_token` of them routed to each token (softmax, then top-k; the k weights renormalised
+    # to sum to 1 with `normalize_routing`), plus Qwen2-MoE's sigmoid-gated shared expert of width
+    # `shared_expert_dim`. Layers in `dense_layers` keep a dense MLP of width `ffn_dim`. 0 experts: dense.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_ffn_dim: int = 0
+    normalize_routing: bool = True
+    shared_expert_dim: int = 0
+    dense_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -198,6 +213,19 @@ class ModelConfig:
             _check_count("sliding_window", self.sliding_window, MAX_CONTEXT)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
+        if self.num_experts:
+            _check_count("num_experts", self.num_experts, MAX_EXPERTS)
+            _check_count("experts_per_token", self.experts_per_token, self.num_experts)
+            _check_count("expert_ffn_dim", self.expert_ffn_dim, MAX_WIDTH)
+        elif self.experts_per_token or self.expert_ffn_dim or self.shared_expert_dim:
+            raise ValueError("experts_per_token, expert_ffn_dim and shared_expert_dim need num_experts > 0")
+        if self.shared_expert_dim:
+            _check_count("shared_expert_dim", self.shared_expert_dim, MAX_WIDTH)
+        if not isinstance(self.dense_layers, tuple) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers for i in self.dense_layers
+        ):
+            last = self.num_layers - 1
+            raise ValueError(f"dense_layers must be layer indices in 0..{last}, got {self.dense_layers!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.layer_types is not None:
@@ -236,6 +264,10 @@ class ModelConfig:
         if self.layer_types is None:
             return self.sliding_window is not None
         return self.layer_types[layer] == "sliding"
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is a mixture of experts (else dense)."""
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     def window(self, layer: int) -> int | None:
         """The attention window of `layer` (None: unlimited)."""
@@ -432,14 +464,15 @@ _HF_INTS = (
 ).split()
 _HF_OPTIONAL_INTS = (
     "num_key_value_heads head_dim n_inner ffn_hidden_size sliding_window num_kv_heads num_ln_in_parallel_attn "
-    "original_max_position_embeddings sliding_window_pattern"
+    "original_max_position_embeddings sliding_window_pattern num_local_experts num_experts num_experts_per_tok "
+    "moe_intermediate_size shared_expert_intermediate_size decoder_sparse_step"
 ).split()
 _HF_NUMBERS = "rms_norm_eps layer_norm_epsilon rope_theta rope_local_base_freq query_pre_attn_scalar".split()
 _HF_OPTIONAL_NUMBERS = "attn_logit_softcapping final_logit_softcapping partial_rotary_factor".split()
 _HF_BOOLS = (
     "tie_word_embeddings attention_bias mlp_bias use_sliding_window new_decoder_architecture parallel_attn "
     "multi_query alibi bias use_bidirectional_attention scale_attn_weights no_bias "
-    "apply_residual_connection_post_layernorm"
+    "apply_residual_connection_post_layernorm norm_topk_prob qkv_bias"
 ).split()
 _HF_STRINGS = "model_type hidden_act hidden_activation activation activation_function".split()
 _HF_OBJECTS = "rope_scaling rope_parameters attn_config text_config".split()
@@ -484,6 +517,10 @@ def _check_hf_fields(hf: dict[str, Any], prefix: str = "") -> None:
             and not (isinstance(value, list) and all(isinstance(t, str) for t in value))
         ):
             fail(key, "a list of strings")
+        elif key == "mlp_only_layers" and not (
+            value is None or (isinstance(value, list) and all(type(i) is int for i in value))
+        ):
+            fail(key, "a list of layer indices")
         elif key == "eos_token_id" and not (
             value is None
             or (isinstance(value, int) and not isinstance(value, bool))
@@ -520,6 +557,8 @@ def _check_hf_fields(hf: dict[str, Any], prefix: str = "") -> None:
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Map a Hugging Face `config.json` (as a dict) to a `ModelConfig`. Raises ValueError naming the field
     for a missing or ill-typed field and for settings no model can have."""
+    if type(hf.get("sliding_window")) is int and hf["sliding_window"] == 0:  # Qwen2-MoE writes 0 for none
+        hf = {**hf, "sliding_window": None}
     _check_hf_fields(hf)
     try:
         return _config_from_hf(hf)
@@ -614,6 +653,8 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             layer_types=layer_types,
             qk_norm=True,
         )
+    if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return _moe_config(hf, model_type)
     if model_type == "phi3":
         theta, scaling = _rope_from_hf(hf)
         dims = _decoder_dims(hf, max_seq_len=4096, norm_eps=1e-5)
@@ -733,6 +774,47 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(HF_MODEL_TYPES)}")
 
 
+def _moe_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
+    """Mixtral (Mistral attention, top-k renormalised) and Qwen2-MoE / Qwen3-MoE (Qwen2 / Qwen3 attention,
+    `norm_topk_prob`, dense layers from `mlp_only_layers` and `decoder_sparse_step`, Qwen2-MoE's shared expert)."""
+    theta, scaling = _rope_from_hf(hf)
+    n = hf["num_hidden_layers"]
+    if model_type == "mixtral":
+        window = hf.get("sliding_window")
+        experts = dict(
+            num_experts=hf.get("num_local_experts") or 8,  # HF's defaults: Mixtral-8x7B's
+            experts_per_token=hf.get("num_experts_per_tok") or 2,
+            expert_ffn_dim=hf["intermediate_size"],
+        )
+        dense, bias = (), bool(hf.get("attention_bias", False))
+    else:
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        step, only = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
+        dense = tuple(i for i in range(n) if i in only or (i + 1) % step)
+        experts = dict(
+            num_experts=hf.get("num_experts") or hf["num_local_experts"],  # transformers 5 writes the latter
+            experts_per_token=hf["num_experts_per_tok"],
+            expert_ffn_dim=hf["moe_intermediate_size"],
+            normalize_routing=bool(hf.get("norm_topk_prob", False)),
+            shared_expert_dim=hf["shared_expert_intermediate_size"] if model_type == "qwen2_moe" else 0,
+        )
+        bias = hf.get("qkv_bias", True) if model_type == "qwen2_moe" else bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        family=model_type,
+        **_decoder_dims(hf, max_seq_len=32768, norm_eps=1e-6 if model_type != "mixtral" else 1e-5),
+        activation=_hf_activation(hf.get("hidden_act", "silu")),
+        qkv_bias=bool(bias),
+        out_bias=bool(hf.get("attention_bias", False)) and model_type == "qwen3_moe",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=window,
+        qk_norm=model_type == "qwen3_moe",
+        dense_layers=dense,
+        **experts,
+    )
+
+
 # The `model_type` values of config.json that `config_from_hf` reads.
 HF_MODEL_TYPES = (
     "llama",
@@ -749,4 +831,7 @@ HF_MODEL_TYPES = (
     "bloom",
     "mpt",
     "gpt_bigcode",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
 )

@@ -166,22 +166,82 @@ class Attention(nn.Module):
         return Linear(cfg.d_model, cfg.out_bias, parallel, name="o")(out), layer_cache
 
 
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda t: jax.nn.gelu(t, approximate=False),
+    "gelu_tanh": lambda t: jax.nn.gelu(t, approximate=True),
+}
+
+
 class MLP(nn.Module):
+    """Gated or plain MLP of `width` columns (default `ffn_dim`), this shard's columns under `parallel`."""
+
+    config: ModelConfig
+    parallel: Parallel | None = None
+    width: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, act = self.config, _ACTIVATIONS[self.config.activation]
+        width = par.per_shard(self.width or cfg.ffn_dim, self.parallel)
+        up = Linear(width, cfg.mlp_bias, name="up")(x)
+        hidden = act(Linear(width, cfg.mlp_bias, name="gate")(x)) * up if cfg.mlp == "gated" else act(up)
+        return Linear(cfg.d_model, cfg.mlp_bias, self.parallel, name="down")(hidden)
+
+
+class Experts(nn.Module):
+    """This shard's experts, stacked: gate / up `[E_local, f_local, d]`, down `[E_local, d, f_local]`. With
+    fewer experts than shards each expert is cut into column slices (`collectives.expert_slices`), and
+    the slices are the (virtual) experts the shards hold."""
+
+    config: ModelConfig
+    parallel: Parallel | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, experts: jax.Array, coefficients: jax.Array) -> jax.Array:
+        cfg = self.config
+        local = par.local_experts(cfg.num_experts, self.parallel)
+        width = cfg.expert_ffn_dim // par.expert_slices(cfg.num_experts, self.parallel)
+        shapes = {"gate": (local, width, cfg.d_model), "up": (local, width, cfg.d_model)}
+        shapes["down"] = (local, cfg.d_model, width)
+        mlp = tuple(weights.param(self, name, shape, x.dtype) for name, shape in shapes.items())
+        return weights.expert_mlp(x, experts, coefficients, mlp, _ACTIVATIONS[cfg.activation])
+
+
+class MoE(nn.Module):
+    """Mixture of experts: a router (softmax over the experts, then the top k, renormalised where the
+    family does), the routed experts, and Qwen2-MoE's sigmoid-gated shared expert. Exact routing: every
+    token reaches its k experts (no capacity, no dropping). Under `parallel` each shard runs the routed
+    pairs of its own experts and one sum over the shards adds them up (the collective a dense MLP's
+    down projection has anyway). Sows each expert's token count (`expert_load`)."""
+
     config: ModelConfig
     parallel: Parallel | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        act = {
-            "silu": jax.nn.silu,
-            "gelu": lambda t: jax.nn.gelu(t, approximate=False),
-            "gelu_tanh": lambda t: jax.nn.gelu(t, approximate=True),
-        }[cfg.activation]
-        width = par.per_shard(cfg.ffn_dim, self.parallel)
-        up = Linear(width, cfg.mlp_bias, name="up")(x)
-        hidden = act(Linear(width, cfg.mlp_bias, name="gate")(x)) * up if cfg.mlp == "gated" else act(up)
-        return Linear(cfg.d_model, cfg.mlp_bias, self.parallel, name="down")(hidden)
+        cfg, parallel = self.config, self.parallel
+        rows = x.reshape(-1, x.shape[-1])
+        scores = Linear(cfg.num_experts, name="router")(rows).astype(jnp.float32)
+        probs, chosen = lax.top_k(jax.nn.softmax(scores, axis=-1), cfg.experts_per_token)  # [N, k]
+        if cfg.normalize_routing:
+            probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+        load = jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.int32), axis=(0, 1))  # tokens per expert
+        self.sow("intermediates", "expert_load", load)
+        # Each chosen expert is `slices` virtual experts; this shard holds `local` of them.
+        slices = par.expert_slices(cfg.num_experts, parallel)
+        local = par.local_experts(cfg.num_experts, parallel)
+        virtual = (chosen[..., None] * slices + jnp.arange(slices)).reshape(rows.shape[0], -1)
+        coefficients = jnp.repeat(probs, slices, axis=1)
+        if par.splits_model(parallel):
+            virtual = virtual - par.shard_index(parallel) * local
+            coefficients = jnp.where((virtual >= 0) & (virtual < local), coefficients, 0.0)
+        out = par.sum_over_model(Experts(cfg, parallel, name="experts")(rows, virtual, coefficients), parallel)
+        out = out.astype(x.dtype).reshape(x.shape)
+        if cfg.shared_expert_dim:
+            shared = MLP(cfg, parallel, cfg.shared_expert_dim, name="shared")(x)
+            out = out + jax.nn.sigmoid(Linear(1, name="shared_gate")(x)) * shared
+        return out
 
 
 class Block(nn.Module):
@@ -197,7 +257,7 @@ class Block(nn.Module):
         h = Norm(cfg, name="attn_norm")(x)
         attention_layer = Attention(cfg, self.layer, self.impl, self.parallel, self.kv_view, name="attn")
         attn_out, layer_cache = attention_layer(h, positions, layer_cache, prefill, cache_start)
-        mlp = MLP(cfg, self.parallel, name="mlp")
+        mlp = MoE(cfg, self.parallel, name="moe") if cfg.is_moe(self.layer) else MLP(cfg, self.parallel, name="mlp")
         if cfg.parallel_block:
             mlp_in = Norm(cfg, name="mlp_norm")(x) if cfg.parallel_mlp_norm else h
             return x + attn_out + mlp(mlp_in), layer_cache

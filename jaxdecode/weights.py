@@ -76,6 +76,103 @@ def logits(x: jax.Array, table: Weight) -> jax.Array:
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# Experts: stacked `[E, out, in]` (each expert's matrix as checkpoints store it), read per routed expert.
+
+# Up to this many (row, expert) pairs, each pair multiplies its expert's matrix alone (decoding): XLA's CPU
+# backend fuses the expert's dynamic slice into that matrix-vector product, so only the routed experts'
+# weights are read (28 GB/s on 2 EPYC cores for float32 `x @ W_e^T`, against 1.9 GB/s for a gather of the
+# experts followed by a batched dot, measured). More pairs go through the grouped matmul below.
+GATHER_PAIRS = 16
+
+
+def _expert_matrix(w: Weight, expert: jax.Array) -> jax.Array:
+    """Expert `expert`'s matrix `[out, in]` of stacked experts (float, or int8 `[E, out, in]` with scales
+    `[E, out, 1]`), dequantized to float32 where it is quantized (fused into the dot that reads it)."""
+    if is_quantized(w):
+        values = lax.dynamic_index_in_dim(w.values, expert, 0, keepdims=False)
+        return values.astype(jnp.float32) * lax.dynamic_index_in_dim(w.scales, expert, 0, keepdims=False)
+    return lax.dynamic_index_in_dim(w, expert, 0, keepdims=False)
+
+
+def _times_expert(x: jax.Array, w: Weight, expert: jax.Array) -> jax.Array:
+    """x float32 `[rows, in]` times expert `expert`'s matrix (contracted on `in`) -> float32 `[rows, out]`."""
+    matrix = _expert_matrix(w, expert)
+    return lax.dot_general(x.astype(matrix.dtype), matrix, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _num_experts(w: Weight) -> int:
+    return (w.values if is_quantized(w) else w).shape[0]
+
+
+def expert_mlp(
+    x: jax.Array, experts: jax.Array, coefficients: jax.Array, mlp: tuple[Weight, Weight, Weight], act: Any
+) -> jax.Array:
+    """Routed gated MLPs: row n gets `sum_a coefficients[n, a] * MLP_e(x[n])`, e = experts[n, a], with
+    `MLP_e(x) = down_e(act(gate_e(x)) * up_e(x))`.
+
+    x `[N, d]`; experts int32 `[N, A]` (local expert ids; any id where the coefficient is 0, e.g. another
+    shard's expert); coefficients float32 `[N, A]`; mlp the stacked (gate, up, down), gate / up `[E, f, d]`,
+    down `[E, d, f]`. Returns float32 `[N, d]`. No routed pair is ever dropped (no capacity factor).
+
+    Few pairs (decoding): each pair multiplies its own expert's matrices, so the step reads only routed
+    experts. Many pairs (prefill): a grouped matmul, the pairs sorted by expert (`_grouped_mlp`).
+    """
+    n, pairs = experts.shape
+    count = _num_experts(mlp[0])
+    if n * pairs > min(GATHER_PAIRS, count - 1):
+        return _grouped_mlp(x, experts, coefficients, mlp, act)
+    gate, up, down = mlp
+    xf = x.astype(jnp.float32)
+    ids = jnp.clip(experts, 0, count - 1)
+    out = jnp.zeros(xf.shape, jnp.float32)
+    for row in range(n):
+        for a in range(pairs):
+            e, x_row = ids[row, a], xf[row : row + 1]
+            hidden = act(_times_expert(x_row, gate, e)) * _times_expert(x_row, up, e)
+            y = _times_expert(hidden, down, e)[0] * coefficients[row, a]
+            out = out.at[row].add(y)
+    return out
+
+
+def _grouped_mlp(
+    x: jax.Array, experts: jax.Array, coefficients: jax.Array, mlp: tuple[Weight, Weight, Weight], act: Any
+) -> jax.Array:
+    """`expert_mlp` for many pairs: the pairs sorted by expert into a buffer where each expert's rows start
+    on a tile boundary, then a loop over tiles of `tile` rows, each multiplied by its one expert's matrices
+    (a grouped matmul: every expert's weights read once per tile of its rows, no FLOPs spent on experts a
+    row does not use). Static sizes: the buffer has room for every pair plus each expert's last partial tile.
+    """
+    n, pairs = experts.shape
+    count = _num_experts(mlp[0])
+    total = n * pairs
+    tile = int(np.clip(2 ** int(np.log2(max(total // (4 * count), 1))), 8, 256))
+    capacity = -(-(total + count * (tile - 1)) // tile) * tile
+    group = jnp.where(coefficients != 0, experts, count).reshape(-1)  # id `count`: not ours, dropped
+    order = jnp.argsort(group, stable=True)
+    sorted_group = group[order]
+    sizes = jnp.bincount(group, length=count + 1)[:count]
+    padded = -(-sizes // tile) * tile
+    start, padded_start = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded
+    g = jnp.clip(sorted_group, 0, count - 1)
+    rank = jnp.arange(total) - start[g]
+    slot = jnp.where(sorted_group < count, padded_start[g] + rank, capacity)  # `capacity`: out of range
+    buffer = (
+        jnp.zeros((capacity, x.shape[1]), jnp.float32).at[slot].set(x.astype(jnp.float32)[order // pairs], mode="drop")
+    )
+    tile_starts = jnp.arange(capacity // tile) * tile
+    tile_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(padded), tile_starts, side="right"), 0, count - 1)
+    gate, up, down = mlp
+
+    def one_tile(t: jax.Array) -> jax.Array:
+        rows, e = lax.dynamic_slice_in_dim(buffer, t * tile, tile), tile_expert[t]
+        return _times_expert(act(_times_expert(rows, gate, e)) * _times_expert(rows, up, e), down, e)
+
+    out = lax.map(one_tile, jnp.arange(capacity // tile)).reshape(capacity, -1)
+    per_pair = jnp.zeros((total, out.shape[1]), jnp.float32).at[order].set(out.at[slot].get(mode="fill", fill_value=0))
+    return (per_pair.reshape(n, pairs, -1) * coefficients[..., None]).sum(1)
+
+
 def to_model_layout(params: Any) -> Any:
     """Loader params (every Linear weight `[out, in]`, as checkpoints store them) -> the model's layout:
     float Linear weights transposed to `[in, out]`, quantized ones kept `[out, in]`."""

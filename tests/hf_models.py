@@ -150,6 +150,41 @@ def _configs() -> dict[str, tf.PretrainedConfig]:
             bias=True,
             alibi=False,
         ),
+        # Mixtral: 4 experts, top-2 renormalised, GQA, a sliding window shorter than the test sequences.
+        "mixtral": tf.MixtralConfig(
+            **common,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=11,
+            max_position_embeddings=256,
+        ),
+        # Qwen3-MoE: top-3 of 6 renormalised (norm_topk_prob), QK-norm, layer 1 dense (mlp_only_layers).
+        "qwen3_moe": tf.Qwen3MoeConfig(
+            **{**common, "num_hidden_layers": 3},
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=40,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            max_position_embeddings=256,
+        ),
+        # Qwen2-MoE: top-1 of 4 without renormalisation, the sigmoid-gated shared expert, QKV bias.
+        "qwen2_moe": tf.Qwen2MoeConfig(
+            **common,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=1,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=72,
+            norm_topk_prob=False,
+            max_position_embeddings=256,
+        ),
         # ALiBi with a non-power-of-two head count (6).
         "bloom": tf.BloomConfig(vocab_size=VOCAB, hidden_size=96, n_layer=2, n_head=6),
         "mpt": tf.MptConfig(vocab_size=VOCAB, d_model=96, n_layers=2, n_heads=6, max_seq_len=256),

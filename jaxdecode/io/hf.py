@@ -42,6 +42,19 @@ _GEMMA2_NAMES = [
     (r"norm\.weight", "final_norm/scale"),
     (r"lm_head\.weight", "lm_head"),
 ]
+# Mixture of experts: the router, each expert's matrices (stacked into [E, out, in] in `_finish`) and
+# Qwen2-MoE's shared expert. Mixtral's w1 / w3 / w2 are gate / up / down.
+_MIXTRAL_NAMES = [
+    (r"layers\.(\d+)\.block_sparse_moe\.gate\.weight", "layer_{0}/moe/router/weight"),
+    (r"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w([123])\.weight", "layer_{0}/moe/expert/{1}/w{2}"),
+]
+_QWEN_MOE_NAMES = [
+    (r"layers\.(\d+)\.mlp\.gate\.weight", "layer_{0}/moe/router/weight"),
+    (r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", "layer_{0}/moe/expert/{1}/{2}"),
+    (r"layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight", "layer_{0}/moe/shared/{1}/weight"),
+    (r"layers\.(\d+)\.mlp\.shared_expert_gate\.weight", "layer_{0}/moe/shared_gate/weight"),
+]
+_EXPERT_PARTS = {"w1": "gate", "w3": "up", "w2": "down", "gate": "gate", "up": "up", "down": "down"}
 _LN = r"(weight|bias)"
 _NAMES: dict[str, list[tuple[str, str]]] = {
     "llama": _LLAMA_NAMES,
@@ -49,6 +62,9 @@ _NAMES: dict[str, list[tuple[str, str]]] = {
     "qwen2": _LLAMA_NAMES,
     "qwen3": _LLAMA_NAMES + _QK_NORM_NAMES,
     "gemma": _LLAMA_NAMES,
+    "mixtral": _MIXTRAL_NAMES + _LLAMA_NAMES,
+    "qwen2_moe": _QWEN_MOE_NAMES + _LLAMA_NAMES,
+    "qwen3_moe": _QWEN_MOE_NAMES + _LLAMA_NAMES + _QK_NORM_NAMES,
     "gemma2": _GEMMA2_NAMES,
     "gemma3": _GEMMA2_NAMES + _QK_NORM_NAMES,
     # Phi-3: fused q|k|v and gate|up projections, split in `_finish`.
@@ -245,5 +261,36 @@ def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any], ori
                 )
             gate, up = np.split(fused, 2)
             mlp["gate"], mlp["up"] = {"weight": gate}, {"weight": up}
+        if "moe" in layer:
+            _stack_experts(layer["moe"], config, i, origin, directory)
     if config.tie_embeddings:
         params.pop("lm_head", None)
+
+
+def _stack_experts(moe: dict[str, Any], config: ModelConfig, layer: int, origin: dict[str, str], directory) -> None:
+    """Per-expert matrices (`moe/expert/<j>/<part>`, as HF checkpoints store them) -> stacked
+    `moe/experts/{gate,up,down}` `[E, out, in]`, refusing a missing expert or part, or a ragged stack."""
+    found = moe.pop("expert", {})
+    stacked = {}
+    for part in ("gate", "up", "down"):
+        matrices = []
+        for j in range(config.num_experts):
+            named = {_EXPERT_PARTS[k]: v for k, v in found.get(str(j), {}).items()}
+            if part not in named:
+                raise ModelFileError(
+                    directory,
+                    f"lacks expert {j}'s {part} projection; the config has {config.num_experts} experts per layer",
+                    f"layer {layer}",
+                )
+            matrices.append(named[part])
+        if len({m.shape for m in matrices}) != 1:
+            problem = f"has experts of different shapes in its {part} projections"
+            raise ModelFileError(directory, problem, f"layer {layer}")
+        stacked[part] = np.stack(matrices)
+        origin[f"layer_{layer}/moe/experts/{part}"] = f"layer {layer}'s experts' {part} projections"
+    extra = sorted(set(found) - {str(j) for j in range(config.num_experts)}, key=int)
+    if extra:
+        raise ModelFileError(
+            directory, f"has expert {extra[0]}, but the config has {config.num_experts} experts", f"layer {layer}"
+        )
+    moe["experts"] = stacked
