@@ -319,11 +319,11 @@ def _metadata(version: Path) -> dict[str, Any]:
             and info.get("kind") in kinds
             and info.get("dtype") in ("float32", "bfloat16")
             and isinstance(info.get("shape"), list)
-            and len(info["shape"]) == 2
+            and len(info["shape"]) in (2, 3)  # [out, in], or stacked experts [E, out, in]
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in info["shape"])
         ):
             raise CheckpointError(
-                path, f"must be {{kind, shape [out, in], dtype}}, found {info!r}", f"quantized.{name}"
+                path, f"must be {{kind, shape [out, in] or [E, out, in], dtype}}, found {info!r}", f"quantized.{name}"
             )
     meta["quantized"] = quantized
     tokenizer = meta.get("tokenizer")

@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import weights
+from . import collectives, weights
 from .collectives import DATA, MODEL, Parallel
 from .config import ModelConfig
 
@@ -71,8 +71,17 @@ def check_config(config: ModelConfig, model_size: int, params: Any = None) -> No
         problems.append(
             f"{config.num_kv_heads} KV heads neither divide into model={m} shards nor replicate evenly over them"
         )
-    if config.ffn_dim % m:
+    if config.ffn_dim % m and not all(config.is_moe(i) for i in range(config.num_layers)):
         problems.append(f"MLP width {config.ffn_dim} is not divisible by model={m}")
+    if config.num_experts:
+        slices = collectives.expert_slices(config.num_experts, Parallel(m))
+        if config.expert_ffn_dim % slices:
+            problems.append(
+                f"{config.num_experts} experts on model={m} shards need each expert's {config.expert_ffn_dim} MLP "
+                f"columns cut into {slices} slices"
+            )
+        if config.shared_expert_dim % m:
+            problems.append(f"shared expert width {config.shared_expert_dim} is not divisible by model={m}")
     if problems:
         raise ValueError(f"cannot shard {config.family} over model={m}: " + "; ".join(problems))
     if params is not None:

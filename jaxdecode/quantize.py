@@ -1,7 +1,8 @@
 """Weight-only quantization: quantized weights as pytrees, and the matmul that reads them directly.
 
 A `QuantizedWeight` is a matrix `[out, in]` (one row per output channel, the layout of checkpoints
-and of the LM head) stored as integers plus per-group scales (and offsets):
+and of the LM head) stored as integers plus per-group scales (and offsets); a mixture of experts' stacked
+matrices `[E, out, in]` are int8, one scale per expert and output channel (`weights.expert_mlp` reads them):
 
 | kind   | values                  | group            | dequantized weight            | from                |
 |--------|-------------------------|------------------|-------------------------------|---------------------|
@@ -52,17 +53,18 @@ MATVEC_ROWS = 4  # up to this many rows: one fused matrix-vector product per row
 class QuantizedWeight:
     """A quantized matrix `[out, in]` (see the module docstring for the kinds).
 
-    values: int8 `[out, in]` (int8, q8_0) or uint8 `[out, in_padded // 2]` (int4, q4_0, q4_1).
-    scales: `[out, groups]`, float32 (int8, int4) or float16 (GGUF kinds).
+    values: int8 `[out, in]` (int8, q8_0) or uint8 `[out, in_padded // 2]` (int4, q4_0, q4_1); stacked
+      experts: int8 `[E, out, in]`.
+    scales: `[out, groups]`, float32 (int8, int4) or float16 (GGUF kinds); stacked experts `[E, out, 1]`.
     offsets: int4: zero points uint8 `[out, groups]`; q4_1: float16 mins `[out, groups]`; else None.
-    kind, shape (out, in) and dtype (the float dtype of activations and results) are static.
+    kind, shape ((out, in), or (E, out, in)) and dtype (the float dtype of activations and results) are static.
     """
 
     values: jax.Array
     scales: jax.Array
     offsets: jax.Array | None
     kind: str = dataclasses.field(metadata=dict(static=True))
-    shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     dtype: str = dataclasses.field(metadata=dict(static=True), default="float32")
 
     @property
@@ -71,11 +73,11 @@ class QuantizedWeight:
 
     @property
     def padded_in(self) -> int:
-        return self.values.shape[1] * (2 if self.four_bit else 1)
+        return self.values.shape[-1] * (2 if self.four_bit else 1)
 
     @property
     def group_size(self) -> int:
-        return self.padded_in // self.scales.shape[1]
+        return self.padded_in // self.scales.shape[-1]
 
     @property
     def nbytes(self) -> int:
@@ -107,9 +109,10 @@ def _unpack_nibbles(values: jax.Array) -> jax.Array:
 
 
 def quantize_int8(weight: np.ndarray, dtype: str = "float32") -> QuantizedWeight:
-    """Per-output-channel symmetric int8: `s = amax_row / 127`, `v = round(w / s)`."""
+    """Per-output-channel symmetric int8: `s = amax_row / 127`, `v = round(w / s)` (of each matrix of a
+    stack `[E, out, in]` too)."""
     w = np.asarray(weight, np.float32)
-    amax = np.max(np.abs(w), axis=1, keepdims=True)
+    amax = np.max(np.abs(w), axis=-1, keepdims=True)
     scale = np.where(amax > 0, amax / 127, 1).astype(np.float32)
     values = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return QuantizedWeight(values, scale, None, "int8", w.shape, dtype)
@@ -291,6 +294,16 @@ def param_bytes(params: Any) -> int:
 
 
 QUANT_CHOICES = ("int8", "int4", "native")
+
+
+def _is_experts(path) -> bool:
+    return len(path) > 1 and getattr(path[-2], "key", None) == "experts"
+
+
+def _is_router(path) -> bool:
+    return len(path) > 1 and getattr(path[-2], "key", None) == "router"
+
+
 EMBEDDING_NAMES = ("embed", "lm_head")
 
 
@@ -305,10 +318,16 @@ def check_choice(quant: str | None, group_size: int) -> None:
 def quantize_params(params: Any, quant: str, group_size: int = 128, dtype: str = "float32") -> Any:
     """Host params (Linear weights `[out, in]`, as loaders return them) with every Linear weight and the
     embedding / LM head quantized. With "int4" the embedding and LM head are int8 (per vocabulary row):
-    they are read whole every token and matter most for accuracy, as in llama.cpp's 4-bit files."""
+    they are read whole every token and matter most for accuracy, as in llama.cpp's 4-bit files. Stacked
+    experts are int8 whatever `quant` is (per expert and output channel); a router stays float (its
+    scores pick the experts)."""
 
     def convert(path, leaf):
         name = getattr(path[-1], "key", None)
+        if _is_experts(path):
+            return quantize_int8(leaf, dtype)
+        if _is_router(path):
+            return leaf
         if name in EMBEDDING_NAMES:
             return quantize_int8(leaf, dtype)
         if name == "weight" and np.ndim(leaf) == 2:
@@ -328,6 +347,12 @@ def quantize_abstract(params: Any, quant: str, group_size: int = 128, dtype: str
 
     def convert(path, leaf):
         name = getattr(path[-1], "key", None)
+        if _is_experts(path):
+            values = jax.ShapeDtypeStruct(leaf.shape, np.int8)
+            scales = jax.ShapeDtypeStruct((*leaf.shape[:-1], 1), np.float32)
+            return QuantizedWeight(values, scales, None, "int8", tuple(leaf.shape), dtype)
+        if _is_router(path):
+            return leaf
         if name in EMBEDDING_NAMES:
             kind, (out, columns) = "int8", leaf.shape
         elif name == "weight" and len(leaf.shape) == 2:

@@ -32,6 +32,7 @@ Weight = jax.Array | QuantizedWeight
 COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
 ROW_PARALLEL = ("o", "down")
 VOCAB = ("embed", "lm_head")
+EXPERTS = "experts"  # stacked expert matrices [E, out, in], split over `model` by expert
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -191,6 +192,8 @@ def _role(path) -> tuple[str, str]:
     """(role, name): role "column", "row", "vocab" or "" (replicated) from a leaf's place in the tree."""
     keys = [getattr(p, "key", str(p)) for p in path]
     module, name = (keys[-2] if len(keys) > 1 else ""), keys[-1]
+    if module == EXPERTS:
+        return "experts", name
     if name in VOCAB:
         return "vocab", name
     if module in COLUMN_PARALLEL:
@@ -203,6 +206,9 @@ def _role(path) -> tuple[str, str]:
 def spec(path, leaf: Any) -> Any:
     """The PartitionSpec of one parameter (a `QuantizedWeight` of specs for a quantized one)."""
     role, name = _role(path)
+    if role == "experts":  # (virtual) experts split over the shards, scales alongside
+        split = P(MODEL, None, None)
+        return jax.tree.map(lambda _: split, leaf) if is_quantized(leaf) else split
     if is_quantized(leaf):
         rows, columns = P(MODEL, None), P(None, MODEL)
         split = {"vocab": rows, "column": rows, "row": columns}.get(role, P())
@@ -260,9 +266,23 @@ def shard_layout(params: Any, config: ModelConfig, model_size: int, xp: Any = np
         heads = a.reshape(*a.shape[:axis], config.num_kv_heads, -1, *a.shape[axis + 1 :])
         return xp.repeat(heads, repeat, axis=axis).reshape(*a.shape[:axis], -1, *a.shape[axis + 1 :])
 
+    slices = col.expert_slices(config.num_experts, Parallel(model_size)) if config.num_experts else 1
+
+    def slice_experts(a: Any, name: str) -> Any:
+        """[E, out, in] -> [E * slices, ...]: expert e's MLP columns cut into `slices` virtual experts
+        (rows of gate / up, columns of down), so that they split evenly over the shards."""
+        if a is None or slices == 1:
+            return a
+        if name != "down":  # [E, f, d] (its scales [E, f, 1]): consecutive row blocks
+            return a.reshape(a.shape[0] * slices, a.shape[1] // slices, a.shape[2])
+        e, d, f = a.shape
+        return a.reshape(e, d, slices, f // slices).transpose(0, 2, 1, 3).reshape(e * slices, d, f // slices)
+
     def fix(path, leaf):
         role, name = _role(path)
         module = getattr(path[-2], "key", "") if len(path) > 1 else ""
+        if role == "experts":
+            return jax.tree.map(lambda a: slice_experts(xp.asarray(a), name), leaf)
         if is_quantized(leaf):
             if role == "vocab" and vocab != leaf.values.shape[0]:
                 leaf = jax.tree.map(pad_rows, leaf)
@@ -288,4 +308,5 @@ def layout_is_identity(params: Any, config: ModelConfig, model_size: int) -> boo
         return True
     repacked = any(leaf.four_bit for leaf in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(leaf))
     padded = col.padded_vocab(config.vocab_size, Parallel(model_size)) != config.vocab_size
-    return not (repacked or padded or config.num_kv_heads < model_size)
+    sliced = config.num_experts and col.expert_slices(config.num_experts, Parallel(model_size)) > 1
+    return not (repacked or padded or sliced or config.num_kv_heads < model_size)

@@ -164,11 +164,18 @@ def _check_quantized(weight: Any, source: str | os.PathLike[str], name: str) -> 
     kinds = ("int8", "int4", *GGUF_KINDS.values())
     if weight.kind not in kinds:
         raise ModelFileError(source, f"has quantization kind {weight.kind!r}; known: {', '.join(kinds)}", name)
-    out, columns = weight.shape
+    *stack, out, columns = weight.shape
     values, scales, offsets = weight.values, weight.scales, weight.offsets
     value_dtype = "int8" if weight.kind in ("int8", "q8_0") else "uint8"
     problems = []
-    if str(values.dtype) != value_dtype or len(values.shape) != 2 or values.shape[0] != out:
+    if stack:  # stacked experts: int8, one scale per expert and row
+        expected = (*weight.shape[:-1], 1)
+        if weight.kind != "int8" or str(values.dtype) != "int8" or tuple(values.shape) != tuple(weight.shape):
+            found = f"{values.dtype}{list(values.shape)}"
+            problems.append(f"stacked {weight.kind} values {found} (expected int8 {list(weight.shape)})")
+        elif tuple(scales.shape) != expected or offsets is not None:
+            problems.append(f"scales {list(scales.shape)} (expected {list(expected)}, no offsets)")
+    elif str(values.dtype) != value_dtype or len(values.shape) != 2 or values.shape[0] != out:
         problems.append(f"values {values.dtype}{list(values.shape)} (expected {value_dtype} with {out} rows)")
     elif len(scales.shape) != 2 or scales.shape[0] != out or not 1 <= scales.shape[1] <= values.shape[1] * 2:
         problems.append(f"scales {list(scales.shape)} for values {list(values.shape)}")
