@@ -5,6 +5,9 @@ What the converter does per architecture, and so what a GGUF loader must undo:
 - gemma, gemma2, gemma3: every RMSNorm weight stored as (1 + w); fixed local/global patterns.
 - phi3: fused `attn_qkv` and `ffn_up` (= [gate; up]); longrope factors as tensors.
 - qwen2 / qwen3: names only.
+- Mixtral (`llama` with experts), qwen2moe, qwen3moe: each layer's experts stacked into one tensor per
+  projection (`ffn_{gate,up,down}_exps`, [E, out, in]), the router as `ffn_gate_inp`; Qwen2-MoE's shared
+  expert as `ffn_*_shexp` and its one-row gate as the vector `ffn_gate_inp_shexp`.
 Where HF transformers reads the architecture from GGUF too, the tests load these files there as well,
 which checks this writer against an implementation no one here wrote.
 """
@@ -46,6 +49,45 @@ def configs() -> dict[str, tuple[str, tf.PretrainedConfig]]:
         "gemma3": ("gemma3", tf.Gemma3TextConfig(**gemma, num_hidden_layers=6, sliding_window=5)),
         "phi3": ("phi3", parity["phi3"]),
         "phi3_longrope": ("phi3", parity["phi3_longrope"]),
+        # No sliding window: llama.cpp's `llama` architecture has none (nor has Mixtral-8x7B). Expert width 128:
+        # whole 32-blocks in every expert matrix, so that they can be stored quantized.
+        "mixtral": (
+            "llama",
+            tf.MixtralConfig(
+                **{**common, "intermediate_size": 128},
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_local_experts=4,
+            ),
+        ),
+        # The experts' widths are HF's defaults (1408, shared 5632; 768 for Qwen3-MoE): HF's GGUF reader does
+        # not read expert_feed_forward_length, and it rereads these files as a check of this writer.
+        "qwen2moe": (
+            "qwen2moe",
+            tf.Qwen2MoeConfig(
+                **common,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_experts=4,
+                num_experts_per_tok=2,
+            ),
+        ),
+        # All layers MoE (llama.cpp's qwen3moe has no dense layers), head_dim 128 as for Qwen3.
+        "qwen3moe": (
+            "qwen3moe",
+            tf.Qwen3MoeConfig(
+                **common,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=128,
+                num_experts=4,
+                num_experts_per_tok=2,
+                norm_topk_prob=True,
+            ),
+        ),
     }
 
 
@@ -86,6 +128,14 @@ def write(arch: str, model: torch.nn.Module, path: Path, quantized: dict[str, st
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if arch != "llama":
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     rope = cfg.rope_parameters
     rope = rope.get("full_attention", rope)
     w.add_rope_freq_base(rope["rope_theta"])
@@ -145,10 +195,22 @@ def write(arch: str, model: torch.nn.Module, path: Path, quantized: dict[str, st
             for proj in "qkv":
                 if p + f"self_attn.{proj}_proj.bias" in sd:
                     add(b + f"attn_{proj}.bias", sd[p + f"self_attn.{proj}_proj.bias"])
-            add(b + "ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
-            add(b + "ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+            if experts:
+                gate_up = sd[p + "mlp.experts.gate_up_proj"]  # HF's in-memory [E, 2f, d]: rows [gate; up]
+                add(b + "ffn_gate_inp.weight", sd[p + "mlp.gate.weight"])
+                add(b + "ffn_gate_exps.weight", gate_up[:, : gate_up.shape[1] // 2])
+                add(b + "ffn_up_exps.weight", gate_up[:, gate_up.shape[1] // 2 :])
+                add(b + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
+                if arch == "qwen2moe":
+                    for proj in ("gate", "up", "down"):
+                        add(b + f"ffn_{proj}_shexp.weight", sd[p + f"mlp.shared_expert.{proj}_proj.weight"])
+                    add(b + "ffn_gate_inp_shexp.weight", sd[p + "mlp.shared_expert_gate.weight"][0])
+            else:
+                add(b + "ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+                add(b + "ffn_up.weight", sd[p + "mlp.up_proj.weight"])
         add(b + "attn_output.weight", sd[p + "self_attn.o_proj.weight"])
-        add(b + "ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+        if not experts:
+            add(b + "ffn_down.weight", sd[p + "mlp.down_proj.weight"])
         for proj in "qk":
             if p + f"self_attn.{proj}_norm.weight" in sd:
                 add(b + f"attn_{proj}_norm.weight", norm(sd[p + f"self_attn.{proj}_norm.weight"]))

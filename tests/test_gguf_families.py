@@ -23,6 +23,9 @@ CASES = {
     "gemma3": True,
     "phi3": True,
     "phi3_longrope": False,
+    "mixtral": False,  # HF reads a `llama` GGUF without its experts
+    "qwen2moe": True,
+    "qwen3moe": True,
 }
 SEQ = 19
 
@@ -36,7 +39,7 @@ def test_gguf_family_matches_hf(tmp_path, name):
         expected = hf_model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
     tolerance = 1e-4 * np.abs(expected).max()
     model = jd.load(path)
-    assert model.config.family == arch
+    assert model.config.family == {"mixtral": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(name, arch)
     got = np.asarray(jd.forward(model, tokens))
     assert np.abs(got - expected).max() <= tolerance, f"{name}: {np.abs(got - expected).max():.3g}"
     if CASES[name]:
@@ -60,6 +63,25 @@ def test_native_keeps_legacy_blocks_and_converts_other_types_once(tmp_path):
     assert len(caught) == 1
     mlp, attn = model.params["layer_0"]["mlp"], model.params["layer_0"]["attn"]
     assert attn["q"]["weight"].kind == "q8_0" and mlp["gate"]["weight"].kind == "int8"
+    tokens = np.random.default_rng(2).integers(0, VOCAB, (1, SEQ), dtype=np.int32)
+    reference = np.asarray(jd.forward(jd.load(path), tokens))
+    got = np.asarray(jd.forward(model, tokens))
+    assert np.abs(got - reference).max() <= 2e-2 * np.abs(reference).max()
+
+
+def test_native_moe_experts_become_int8(tmp_path):
+    """A Mixtral GGUF with Q5_0 experts and Q8_0 attention, quant='native': the stacked experts are int8
+    (per expert and channel; the warning names them), the router stays float32, and the model is within
+    quantization error of the same file loaded as float."""
+    arch, hf_model = build("mixtral")
+    quantized = {"_exps.weight": "Q5_0", "attn_q.weight": "Q8_0"}
+    path = write(arch, hf_model, tmp_path / "moe.gguf", quantized)
+    with pytest.warns(UserWarning, match=r"Q5_0 \(stacked experts\)"):
+        model = jd.load(path, quant="native")
+    moe = model.params["layer_0"]["moe"]
+    assert moe["experts"]["gate"].kind == "int8" and moe["experts"]["gate"].values.shape == (4, 128, 64)
+    assert moe["router"]["weight"].dtype == np.float32
+    assert model.params["layer_0"]["attn"]["q"]["weight"].kind == "q8_0"
     tokens = np.random.default_rng(2).integers(0, VOCAB, (1, SEQ), dtype=np.int32)
     reference = np.asarray(jd.forward(jd.load(path), tokens))
     got = np.asarray(jd.forward(model, tokens))

@@ -25,7 +25,12 @@ from ..quantize import GGUF_KINDS, QuantizedWeight, from_gguf_blocks, quantize_i
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 from .validate import ModelFileError, expected_shapes
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe")
+# GGUF architecture -> our family, where the names differ (`llama` with experts is Mixtral).
+_FAMILIES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# Whether llama.cpp renormalises the top-k routing weights when the file does not say
+# (`{arch}.expert_weights_norm`): Mixtral and Qwen3-MoE do, Qwen2-MoE does not.
+_NORMALIZE_ROUTING = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 # Architectures whose RoPE llama.cpp applies to adjacent pairs, so its converter permuted Q/K rows
 # (the others use the NEOX, rotate-half layout, as HF and this model do).
 _PERMUTED_QK = ("llama",)
@@ -368,21 +373,35 @@ def config_from_gguf(metadata: dict[str, Any], tensors: dict[str, Any] | None = 
         )
     if arch == "gemma3":
         settings.update(qk_norm=True, rope_local_theta=10000.0)
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         settings.update(qk_norm=True)
+    experts = integer("expert_count", 0)
+    if arch in _NORMALIZE_ROUTING and experts:
+        normalize = metadata.get(f"{arch}.expert_weights_norm", _NORMALIZE_ROUTING[arch])
+        if not isinstance(normalize, bool):
+            raise ValueError(f"GGUF metadata {arch}.expert_weights_norm must be true or false, got {normalize!r}")
+        settings.update(
+            num_experts=experts,
+            experts_per_token=integer("expert_used_count"),
+            expert_ffn_dim=integer("expert_feed_forward_length", None) or integer("feed_forward_length"),
+            normalize_routing=normalize,
+            shared_expert_dim=integer("expert_shared_feed_forward_length", 0) if arch == "qwen2moe" else 0,
+        )
+    elif arch in _FAMILIES:
+        raise ValueError(f"GGUF metadata lacks {arch}.expert_count (a {arch} model has experts)")
     if arch == "phi3" and integer("attention.sliding_window", None):
         settings.update(sliding_window=integer("attention.sliding_window"))
     if f"{arch}.attention.layer_norm_rms_epsilon" in metadata:
         settings["norm_eps"] = number("attention.layer_norm_rms_epsilon")
     return ModelConfig(
-        family=arch,  # every supported architecture name is a family name
+        family="mixtral" if arch == "llama" and experts else _FAMILIES.get(arch, arch),
         vocab_size=vocab,
         d_model=d_model,
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=integer("attention.head_count_kv", heads),
         head_dim=head_dim,
-        ffn_dim=integer("feed_forward_length"),
+        ffn_dim=integer("feed_forward_length", settings.get("expert_ffn_dim")),
         max_seq_len=context,
         rope_theta=number("rope.freq_base", 10000.0),
         rope_scaling=scaling,
@@ -424,7 +443,18 @@ _BLOCK_NAMES = {
     "mlp/gate/weight": "ffn_gate.weight",
     "mlp/up/weight": "ffn_up.weight",
     "mlp/down/weight": "ffn_down.weight",
+    # Mixtures of experts: the router, the stacked experts [E, out, in], Qwen2-MoE's shared expert and its gate.
+    "moe/router/weight": "ffn_gate_inp.weight",
+    "moe/experts/gate": "ffn_gate_exps.weight",
+    "moe/experts/up": "ffn_up_exps.weight",
+    "moe/experts/down": "ffn_down_exps.weight",
+    "moe/shared/gate/weight": "ffn_gate_shexp.weight",
+    "moe/shared/up/weight": "ffn_up_shexp.weight",
+    "moe/shared/down/weight": "ffn_down_shexp.weight",
+    "moe/shared_gate/weight": "ffn_gate_inp_shexp.weight",
 }
+# llama.cpp stores the shared expert's one-row gate as a vector [d].
+_VECTOR_FOR_ROW = ("moe/shared_gate/weight",)
 _TOP_NAMES = {"embed": "token_embd.weight", "lm_head": "output.weight", "final_norm/scale": "output_norm.weight"}
 # Tensors that hold settings rather than weights (read by `config_from_gguf`).
 _SETTING_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight")
@@ -475,6 +505,8 @@ def _tensor_plan(config: ModelConfig, tensors: dict[str, GGUFTensor], path: Path
                     path, f"has {shape[0]} rows, expected {fused_rows[source.name]} from the config", source.name
                 )
             shape = (source.stop - source.start, *shape[1:])
+        if ours.partition("/")[2] in _VECTOR_FOR_ROW and (1, *shape) == expected[ours]:
+            shape = expected[ours]
         if shape != expected[ours]:
             raise ModelFileError(
                 path,
@@ -536,8 +568,12 @@ def load_gguf(
         elif ours.endswith("/scale") and arch in _GEMMAS:
             # llama.cpp's converter stores Gemma's RMSNorm weights as (1 + w); the model adds the 1 itself.
             value = f.array(source.name) - 1.0
+        elif native and "/experts/" in ours:
+            value = _requantize(f.array(source.name), f, source.name, native, dtype_name, "stacked experts")
         else:
             value = f.native(source.name, dtype_name) if native else f.array(source.name)
+        if not isinstance(value, QuantizedWeight):
+            value = value.reshape(expected_shapes(config)[ours])  # a vector stored for a one-row matrix
         if arch in _PERMUTED_QK and ours.endswith(("attn/q/weight", "attn/k/weight")):
             value = _unpermute(value, config.num_heads if "/q/" in ours else config.num_kv_heads)
         *parents, leaf = ours.split("/")
@@ -554,10 +590,13 @@ def load_gguf(
     return config, params, model.tokenizer
 
 
-def _requantize(part: np.ndarray, f: GGUFFile, name: str, native: bool, dtype: str) -> np.ndarray | QuantizedWeight:
-    """A slice of a fused tensor (already dequantized): float, or with `native` int8 (the slice boundaries
-    need not fall on GGUF blocks of the fused rows' layout, so blocks are not kept)."""
+def _requantize(
+    part: np.ndarray, f: GGUFFile, name: str, native: bool, dtype: str, what: str = "fused"
+) -> np.ndarray | QuantizedWeight:
+    """A slice of a fused tensor, or stacked experts (already dequantized): float, or with `native` int8
+    (the slice boundaries need not fall on GGUF blocks of the fused rows' layout; stacked experts are int8
+    in every quantization, see quantize.py), so blocks are not kept."""
     if not native or f.tensors[name].tensor_type.name in ("F32", "F16", "BF16"):
         return part.astype(dtype)
-    f.converted_types.add(f.tensors[name].tensor_type.name + " (fused)")
+    f.converted_types.add(f"{f.tensors[name].tensor_type.name} ({what})")
     return quantize_int8(part, dtype)
