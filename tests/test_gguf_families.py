@@ -28,6 +28,7 @@ CASES = {
     "qwen3moe": True,
 }
 SEQ = 19
+FAMILIES = {"mixtral": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # where not the architecture
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -39,7 +40,7 @@ def test_gguf_family_matches_hf(tmp_path, name):
         expected = hf_model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
     tolerance = 1e-4 * np.abs(expected).max()
     model = jd.load(path)
-    assert model.config.family == {"mixtral": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(name, arch)
+    assert model.config.family == FAMILIES.get(name, arch)
     got = np.asarray(jd.forward(model, tokens))
     assert np.abs(got - expected).max() <= tolerance, f"{name}: {np.abs(got - expected).max():.3g}"
     if CASES[name]:
