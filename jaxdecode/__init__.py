@@ -7,7 +7,19 @@ print(out.text[0])
 """
 
 from . import checkpoint, quantize
-from .api import GenerationResult, Model, StreamPiece, forward, generate, load, perplexity, save, shard, stream
+from .api import (
+    GenerationResult,
+    Model,
+    StreamPiece,
+    expert_load,
+    forward,
+    generate,
+    load,
+    perplexity,
+    save,
+    shard,
+    stream,
+)
 from .checkpoint import CheckpointError
 from .config import ModelConfig, RopeScaling
 from .kv_cache import KVCache, init_cache
@@ -33,6 +45,7 @@ __all__ = [
     "StreamPiece",
     "apply",
     "checkpoint",
+    "expert_load",
     "forward",
     "generate",
     "generate_tokens",

@@ -1,5 +1,5 @@
 """The public Python API, a thin front: `load`, `save`, `shard` (`loading.py`), `generate`, `stream` and
-`forward` (the one decode engine, `engine.py`), and `perplexity`.
+`forward` (the one decode engine, `engine.py`), `perplexity` and `expert_load`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = [
     "GenerationResult",
     "Model",
     "StreamPiece",
+    "expert_load",
     "forward",
     "generate",
     "load",
@@ -41,6 +42,7 @@ def generate(
     seed: int = 0,
     stop_ids: Sequence[int] | None = None,
     speculative: SelfSpeculative | DraftModel | None = None,
+    expert_load: bool = False,
 ) -> GenerationResult:
     """Generate continuations of one prompt or a batch (strings or token-id lists, lengths may differ).
 
@@ -48,7 +50,8 @@ def generate(
     `stop_ids` (default: the tokenizer's end-of-text / end-of-turn tokens) or after `max_new_tokens`.
     `speculative`: `SelfSpeculative(...)` or `DraftModel(draft, gamma)` (see `speculative.py`): the same
     output distribution (greedy: the same tokens), fewer passes over the full KV cache; the result's
-    `speculation` carries gamma and the acceptance rate.
+    `speculation` carries gamma and the acceptance rate. `expert_load=True` (a mixture of experts): the
+    result's `expert_load` counts, per layer, the tokens the router sent to each expert (`expert_load`).
     """
     return engine.generate(
         model,
@@ -58,7 +61,15 @@ def generate(
         seed=seed,
         stop_ids=stop_ids,
         speculative=speculative,
+        expert_load=expert_load,
     )
+
+
+def expert_load(model: Model, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per layer, how many tokens of `sequences` (token-id lists) a mixture of experts routes to each expert:
+    int64 `[num_layers, num_experts]` (zeros in dense layers), from one causal forward over them. Each token
+    counts `experts_per_token` times; an even load is `tokens * experts_per_token / num_experts` each."""
+    return engine.routed_counts(model, sequences)
 
 
 def stream(

@@ -33,7 +33,7 @@ from .collectives import DATA, MODEL
 from .config import ModelConfig
 from .io.tokenizer import Tokenizer
 from .loop import DecodeState, Decoding, Speculation, decode_loop, decode_step, prefill
-from .model import Params, apply
+from .model import Params, apply, routing
 from .quantize import is_quantized, quantize_params
 from .sampling import Sampling, prepare
 from .speculative import DraftModel, PassCosts, SelfSpeculative, choose_gamma
@@ -81,6 +81,7 @@ class GenerationResult:
     decode_steps: int  # decode loop iterations (speculative rounds for speculative decoding)
     decode_tokens: int = 0  # tokens the decode loop produced, summed over the batch (0: decode_steps - 1 each)
     speculation: dict[str, float] | None = None  # gamma, acceptance rate, tokens per round (speculative only)
+    expert_load: np.ndarray | None = None  # int64 [layers, experts]: tokens routed to each (`expert_load=True`)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -421,8 +422,12 @@ def start(
     return Run(model, settings, encoded, state, arrays, int(max_new_tokens), limit, draft, compile_s, prefill_s)
 
 
-def generate(model: Model, prompts: Any, *, speculative: Any = None, **request: Any) -> GenerationResult:
+def generate(
+    model: Model, prompts: Any, *, speculative: Any = None, expert_load: bool = False, **request: Any
+) -> GenerationResult:
     """Generate continuations of one prompt or a batch (`jaxdecode.generate` documents the arguments)."""
+    if expert_load and not model.config.num_experts:
+        raise ValueError(f"expert_load needs a mixture-of-experts model; {model.config.family} has no experts")
     run = start(model, prompts, speculative=speculative, **request)
     loop, compile_s = compiled(model, decode_loop, run.settings, run.args, donate=(1,))
     begin = time.perf_counter()
@@ -434,7 +439,15 @@ def generate(model: Model, prompts: Any, *, speculative: Any = None, **request: 
         speculation = {"gamma": 0, "acceptance_rate": float("nan"), "tokens_per_round": 1.0}
         if run.settings.speculation is not None:
             speculation = speculation_stats(run, state)
-    return replace(result, decode_s=decode_s, compile_s=run.compile_s + compile_s, speculation=speculation)
+    load = None
+    if expert_load:  # what the model read: the prompt and every generated token it was fed back
+        fed = [
+            p + (g if why == "stop" else g[:-1]) for p, g, why in zip(run.prompts, result.tokens, result.finish_reasons)
+        ]
+        load = routed_counts(model, fed)
+    return replace(
+        result, decode_s=decode_s, compile_s=run.compile_s + compile_s, speculation=speculation, expert_load=load
+    )
 
 
 def finish(run: Run, state: DecodeState) -> GenerationResult:
@@ -522,17 +535,49 @@ def forward(model: Model, tokens: Any) -> jax.Array:
     return logits[:batch]
 
 
-def _sharded_forward(mesh: jax.sharding.Mesh, config: ModelConfig, attention: str) -> Any:
-    """`(params, tokens, positions) -> logits [B, T, vocab]` as one jitted shard_map."""
+def _sharded_forward(mesh: jax.sharding.Mesh, config: ModelConfig, attention: str, what: str = "logits") -> Any:
+    """`(params, tokens, positions) -> logits [B, T, vocab]` (or `routing`'s experts) as one jitted shard_map."""
     shard = parallel.parallel_of(mesh)
 
     def local(params, tokens, positions):
+        if what == "routing":
+            return routing(params, config, tokens, positions, attention_impl=attention, parallel=shard)
         return apply(params, config, tokens, positions, attention_impl=attention, parallel=shard)[0]
 
     def run(params, tokens, positions):
         in_specs = (weights.specs(params), P(DATA), P(DATA))
-        out_specs = P(DATA, None, MODEL)
-        logits = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-        return logits(params, tokens, positions)[..., : config.vocab_size]
+        out_specs = P(None, DATA) if what == "routing" else P(DATA, None, MODEL)
+        out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        out = out(params, tokens, positions)
+        return out if what == "routing" else out[..., : config.vocab_size]
 
     return jax.jit(run)
+
+
+_routing_jit = jax.jit(routing, static_argnames=("config", "attention_impl"))
+
+
+def routed_counts(model: Model, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    """How many tokens of `sequences` (token-id lists, lengths may differ) the router of each layer sends to
+    each expert, from one causal forward over them (the routing of a cached decode too, up to float
+    rounding at exact ties): int64 `[num_layers, num_experts]`, zeros in dense layers."""
+    config = model.config
+    encoded = encode_prompts(model, list(sequences))
+    lengths = np.asarray([len(s) for s in encoded])
+    tokens, _ = _pad(encoded, int(lengths.max()))
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    if model.mesh is None:
+        chosen = _routing_jit(model.params, config, tokens, positions, attention_impl=model.attention)
+    else:
+        rows = _rows_for_mesh(model, len(encoded))
+        key = ("routing", config)
+        if key not in model.executables:
+            model.executables[key] = _sharded_forward(model.mesh, config, model.attention, "routing")
+        chosen = model.executables[key](model.params, *_on_mesh(model, (tokens[rows], positions[rows])))
+    chosen = parallel.fetch(chosen)[:, : len(encoded)]  # [L, B, T, k]
+    valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    counts = np.zeros((config.num_layers, config.num_experts), np.int64)
+    for layer in range(config.num_layers):
+        ids = chosen[layer][valid].reshape(-1)
+        counts[layer] = np.bincount(ids[ids >= 0], minlength=config.num_experts)
+    return counts

@@ -213,7 +213,7 @@ class MoE(nn.Module):
     family does), the routed experts, and Qwen2-MoE's sigmoid-gated shared expert. Exact routing: every
     token reaches its k experts (no capacity, no dropping). Under `parallel` each shard runs the routed
     pairs of its own experts and one sum over the shards adds them up (the collective a dense MLP's
-    down projection has anyway). Sows each expert's token count (`expert_load`)."""
+    down projection has anyway). Sows the chosen experts (`routing`)."""
 
     config: ModelConfig
     parallel: Parallel | None = None
@@ -226,8 +226,7 @@ class MoE(nn.Module):
         probs, chosen = lax.top_k(jax.nn.softmax(scores, axis=-1), cfg.experts_per_token)  # [N, k]
         if cfg.normalize_routing:
             probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-        load = jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.int32), axis=(0, 1))  # tokens per expert
-        self.sow("intermediates", "expert_load", load)
+        self.sow("intermediates", "chosen", chosen.reshape(*x.shape[:-1], -1))  # read by `routing`
         # Each chosen expert is `slices` virtual experts; this shard holds `local` of them.
         slices = par.expert_slices(cfg.num_experts, parallel)
         local = par.local_experts(cfg.num_experts, parallel)
@@ -371,6 +370,28 @@ def apply(
     dtype = jnp.dtype(params["embed"].dtype)  # a quantized embedding names its float dtype
     return Decoder(config, attention_impl, dtype, parallel, kv_view).apply(
         {"params": params}, tokens, positions, kv_cache, prefill, logits_at, cache_start
+    )
+
+
+def routing(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    *,
+    attention_impl: str = "auto",
+    parallel: Parallel | None = None,
+) -> jax.Array:
+    """The experts the causal forward (`apply` without a cache) routes each token to: int32
+    `[num_layers, B, T, experts_per_token]`, -1 in dense layers."""
+    dtype = jnp.dtype(params["embed"].dtype)
+    _, captured = Decoder(config, attention_impl, dtype, parallel).apply(
+        {"params": params}, tokens, positions, mutable=["intermediates"]
+    )
+    chosen = captured.get("intermediates", {})
+    none = jnp.full((*tokens.shape, config.experts_per_token), -1, jnp.int32)
+    return jnp.stack(
+        [chosen[f"layer_{i}"]["moe"]["chosen"][0] if config.is_moe(i) else none for i in range(config.num_layers)]
     )
 
 

@@ -181,7 +181,8 @@ def roofline(
     config: ModelConfig, workload: Workload, target: Target, bytes_: dict[str, int], data: int, model: int
 ) -> float:
     """Seconds per decode step on one device of the mesh: max(bytes read / HBM bandwidth, FLOPs / peak).
-    Bytes: the device's params and its KV cache at the mean length of the decode. (All params: a step
+    Bytes: the device's params (of experts, the expected routed share) and its KV cache at the mean length
+    of the decode. (All params: a step
     reads only B rows of an untied embedding table, so this overstates the bytes by its share, 1/16 for
     Llama-3.1-8B.)"""
     mean_len = workload.prompt_len + workload.new_tokens / 2
@@ -190,7 +191,9 @@ def roofline(
     rows, tokens = workload.batch / data, 1 if workload.gamma is None else workload.gamma + 1
     flops = rows * tokens * (costs.matmul_flops + mean_len * costs.attention_flops) / model
     peak = target.int8_ops if workload.quant else target.bf16_flops
-    return Roofline(target.bandwidth, peak, target.name).seconds(bytes_["params"] + kv_read, flops)
+    # Of a mixture of experts' weights a step reads the routed experts' (the same share on every shard).
+    read = costs.weights_read(rows * tokens) / (costs.weight_bytes + costs.expert_bytes)
+    return Roofline(target.bandwidth, peak, target.name).seconds(bytes_["params"] * read + kv_read, flops)
 
 
 def _compile(config: ModelConfig, workload: Workload, target: Target, data: int, model: int) -> dict[str, Any]:

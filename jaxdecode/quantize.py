@@ -201,7 +201,10 @@ def _dequantize_padded(w: QuantizedWeight) -> jax.Array:
 
 
 def dequantize(w: QuantizedWeight) -> jax.Array:
-    """The float32 matrix `[out, in]` (for GGUF kinds bit-identical to `gguf.quants.dequantize`)."""
+    """The float32 matrix `[out, in]` (for GGUF kinds bit-identical to `gguf.quants.dequantize`), or the
+    stacked experts' `[E, out, in]`."""
+    if len(w.shape) == 3:
+        return w.values.astype(jnp.float32) * w.scales
     return _dequantize_padded(w)[:, : w.shape[1]]
 
 

@@ -98,10 +98,12 @@ def expected_tokens(acceptance: float, gamma: int) -> float:
 class PassCosts:
     """What a decode pass of a model reads and computes, per row and per key: `of(config, params)`."""
 
-    weight_bytes: float  # every weight, read once per pass
-    matmul_flops: float  # per new token through the weights: 2 x multiplied params
+    weight_bytes: float  # every weight but the experts', read once per pass
+    matmul_flops: float  # per new token through the weights: 2 x multiplied params (the routed experts' only)
     kv_bytes_per_token: float  # K and V of one cached token, all layers
     attention_flops: float  # per new token and key attended: 4 x query heads x head_dim x layers
+    expert_bytes: float = 0.0  # all experts' weights (mixtures of experts)
+    expert_share: float = 0.0  # experts_per_token / num_experts: the share one token routes to
 
     @classmethod
     def of(cls, config: Any, params: Any) -> PassCosts:
@@ -109,25 +111,34 @@ class PassCosts:
         from .quantize import is_quantized, param_bytes
 
         leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+        experts = [leaf for path, leaf in leaves if len(path) > 1 and getattr(path[-2], "key", None) == "experts"]
+        share = config.experts_per_token / config.num_experts if config.num_experts else 0.0
         multiplied = sum(
             math.prod(leaf.shape) for path, leaf in leaves if getattr(path[-1], "key", None) in ("weight", "lm_head")
-        )
+        ) + share * sum(math.prod(leaf.shape) for leaf in experts)
         if config.tie_embeddings:
             multiplied += config.vocab_size * config.d_model  # the embedding, as the LM head
         itemsize = jnp.dtype(params["embed"].dtype).itemsize  # a quantized embedding names its float dtype
         per_layer = config.num_kv_heads * config.head_dim
         return cls(
-            weight_bytes=param_bytes(params),
+            weight_bytes=param_bytes(params) - param_bytes(experts),
             matmul_flops=2 * multiplied,
             kv_bytes_per_token=config.num_layers * 2 * per_layer * itemsize,
             attention_flops=4 * config.num_heads * config.head_dim * config.num_layers,
+            expert_bytes=param_bytes(experts),
+            expert_share=share,
         )
+
+    def weights_read(self, tokens: float) -> float:
+        """Weight bytes a pass over `tokens` tokens reads: the dense weights, and of the experts the
+        expected share some token routes to (uniform routing: 1 - (1 - k/E)^tokens)."""
+        return self.weight_bytes + self.expert_bytes * (1 - (1 - self.expert_share) ** tokens)
 
 
 def pass_seconds(costs: PassCosts, roofline: Any, rows: int, new_tokens: int, keys: int) -> float:
     """The roofline time of one pass: `rows` rows of `new_tokens` tokens each, attending to `keys`
     cached keys per row (a `targets.Roofline` for the device)."""
-    bytes_read = costs.weight_bytes + rows * keys * costs.kv_bytes_per_token
+    bytes_read = costs.weights_read(rows * new_tokens) + rows * keys * costs.kv_bytes_per_token
     flops = rows * new_tokens * (costs.matmul_flops + keys * costs.attention_flops)
     return roofline.seconds(bytes_read, flops)
 

@@ -99,7 +99,9 @@ def _expert_matrix(w: Weight, expert: jax.Array) -> jax.Array:
 def _times_expert(x: jax.Array, w: Weight, expert: jax.Array) -> jax.Array:
     """x float32 `[rows, in]` times expert `expert`'s matrix (contracted on `in`) -> float32 `[rows, out]`."""
     matrix = _expert_matrix(w, expert)
-    return lax.dot_general(x.astype(matrix.dtype), matrix, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # Written x @ W^T: only so does XLA's CPU backend fuse the expert's slice into the matrix-vector product
+    # (a dot_general contracting both on `in` copies the slice out first: 13 ms against 1.1 ms, measured).
+    return jnp.matmul(x.astype(matrix.dtype), matrix.T, preferred_element_type=jnp.float32)
 
 
 def _num_experts(w: Weight) -> int:
@@ -125,15 +127,18 @@ def expert_mlp(
         return _grouped_mlp(x, experts, coefficients, mlp, act)
     gate, up, down = mlp
     xf = x.astype(jnp.float32)
-    ids = jnp.clip(experts, 0, count - 1)
-    out = jnp.zeros(xf.shape, jnp.float32)
-    for row in range(n):
-        for a in range(pairs):
-            e, x_row = ids[row, a], xf[row : row + 1]
-            hidden = act(_times_expert(x_row, gate, e)) * _times_expert(x_row, up, e)
-            y = _times_expert(hidden, down, e)[0] * coefficients[row, a]
-            out = out.at[row].add(y)
-    return out
+    ids = jnp.clip(experts, 0, count - 1).reshape(-1)
+    rows = [(p // pairs, ids[p]) for p in range(n * pairs)]
+
+    def each_pair(inputs: list[jax.Array], w: Weight) -> jax.Array:
+        # Joined by a concatenation: an elementwise consumer would be fused into the dot as its output,
+        # and XLA's CPU backend then copies the expert's matrix out before multiplying (measured 15x slower).
+        return jnp.concatenate([_times_expert(x_p, w, e) for x_p, (_, e) in zip(inputs, rows)])
+
+    pair_x = [xf[r : r + 1] for r, _ in rows]
+    hidden = act(each_pair(pair_x, gate)) * each_pair(pair_x, up)  # [P, f]
+    y = each_pair([hidden[p : p + 1] for p in range(n * pairs)], down)  # [P, d]
+    return jnp.sum(y.reshape(n, pairs, -1) * coefficients[..., None], axis=1)
 
 
 def _grouped_mlp(
