@@ -207,6 +207,8 @@ SMALL_GEMMA3 = jd.ModelConfig(
     qk_norm=True,
     sandwich_norm=True,
 )
+# A mixture of experts: 8 experts, top-2, split over the model axis (two per chip on model=4).
+SMALL_MIXTRAL = SMALL_LLAMA.replace(family="mixtral", num_experts=8, experts_per_token=2, expert_ffn_dim=1024)
 WORKLOAD = jp.Workload(batch=4, prompt_len=256, new_tokens=32)
 PROGRAMS = [  # (config, workload changes, mesh (data, model))
     (SMALL_LLAMA, {}, (1, 1)),
@@ -221,6 +223,9 @@ PROGRAMS = [  # (config, workload changes, mesh (data, model))
     (SMALL_LLAMA, dict(quant="int8"), (4, 1)),
     (SMALL_LLAMA, dict(quant="int8"), (1, 4)),  # quantized tensor parallelism
     (SMALL_LLAMA, dict(quant="int4"), (2, 2)),
+    (SMALL_MIXTRAL, {}, (1, 1)),
+    (SMALL_MIXTRAL, {}, (2, 2)),  # expert parallelism on v5e:2x2
+    (SMALL_MIXTRAL, dict(quant="int8"), (1, 4)),
 ]
 
 
@@ -233,9 +238,13 @@ ONE_DEVICE = [case for case in PROGRAMS if case[2] == (1, 1)]
 SHARDED = [case for case in PROGRAMS if case[2] != (1, 1)]
 # The default set leaves out float32 (rare on accelerators); on one GPU int4 too, and on the A100 (sm_80)
 # also the speculative and Gemma 3 programs the H100 (sm_90) builds. The slow set compiles all of them.
-# On the TPU also int4 on one chip, bf16 on 2x2 and int8 on data=4 (the 2x2 and 1x4 cases build the same code).
+# On the TPU also Llama's int4 on one chip, bf16 on 2x2 and int8 on data=4 (the 2x2 and 1x4 cases build the same code).
 LEFT_FOR_SLOW = [(dict(quant="int4"), (1, 1)), ({}, (2, 2)), (dict(quant="int8"), (4, 1))]
-TPU_PROGRAMS = [c for c in PROGRAMS if c[1].get("dtype") != "float32" and (c[1], c[2]) not in LEFT_FOR_SLOW]
+TPU_PROGRAMS = [
+    c
+    for c in PROGRAMS
+    if c[1].get("dtype") != "float32" and not (c[0] is SMALL_LLAMA and (c[1], c[2]) in LEFT_FOR_SLOW)
+]
 GPU_PROGRAMS = [c for c in ONE_DEVICE if c[1].get("quant") != "int4" and c[1].get("dtype") != "float32"]
 A100_PROGRAMS = [c for c in GPU_PROGRAMS if c[0] is SMALL_LLAMA and "gamma" not in c[1]]
 
