@@ -203,7 +203,7 @@ def to_model_layout(params: Any) -> Any:
 
 
 def _role(path) -> tuple[str, str]:
-    """(role, name): role "column", "row", "vocab" or "" (replicated) from a leaf's place in the tree."""
+    """(role, name): role "column", "row", "vocab", "experts" or "" (replicated) from a leaf's place in the tree."""
     keys = [getattr(p, "key", str(p)) for p in path]
     module, name = (keys[-2] if len(keys) > 1 else ""), keys[-1]
     if module == EXPERTS:
@@ -290,6 +290,8 @@ def shard_layout(params: Any, config: ModelConfig, model_size: int, xp: Any = np
         if name != "down":  # [E, f, d] (its scales [E, f, 1]): consecutive row blocks
             return a.reshape(a.shape[0] * slices, a.shape[1] // slices, a.shape[2])
         e, d, f = a.shape
+        if f == 1:  # down's int8 scales [E, d, 1]: one per output row, the same for each column slice
+            return xp.repeat(a, slices, axis=0)
         return a.reshape(e, d, slices, f // slices).transpose(0, 2, 1, 3).reshape(e * slices, d, f // slices)
 
     def fix(path, leaf):

@@ -76,7 +76,7 @@ def _two_expert_mixtral():
 
 
 @pytest.mark.parametrize(
-    "name,quant", [("mixtral", None), ("qwen2_moe", None), ("two_experts", None), ("mixtral", "int8")]
+    "name,quant", [("mixtral", None), ("qwen2_moe", None), ("two_experts", None), ("two_experts", "int8")]
 )
 def test_moe_on_meshes_gives_one_devices_tokens(tmp_path, name, quant):
     """Meshes (1, 4) and (2, 2): the one-device logits (<= 1e-5 relative) and greedy tokens, with the experts
