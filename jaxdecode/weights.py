@@ -106,6 +106,18 @@ def _times_expert(x: jax.Array, w: Weight, expert: jax.Array) -> jax.Array:
     return jnp.matmul(x.astype(matrix.dtype), matrix.T, preferred_element_type=jnp.float32)
 
 
+def _row_times_expert(x: jax.Array, w: Weight, expert: jax.Array) -> jax.Array:
+    """One row x float32 `[in]` times expert `expert`'s matrix -> float32 `[out]`: a fused matrix-vector
+    product per piece of at most `quantize.MATVEC_COLUMNS` input columns (wider rows fall off XLA's CPU
+    fast path: a 1024 x 4096 expert matrix at 0.7 GB/s whole, 27 GB/s in two pieces; measured)."""
+    matrix, step = _expert_matrix(w, expert), quantize.MATVEC_COLUMNS
+    pieces = [
+        jnp.dot(x[c : c + step].astype(matrix.dtype), matrix[:, c : c + step].T, preferred_element_type=jnp.float32)
+        for c in range(0, x.shape[0], step)
+    ]
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces).reshape(len(pieces), -1).sum(0)
+
+
 def _num_experts(w: Weight) -> int:
     return (w.values if is_quantized(w) else w).shape[0]
 
@@ -135,11 +147,11 @@ def expert_mlp(
     def each_pair(inputs: list[jax.Array], w: Weight) -> jax.Array:
         # Joined by a concatenation: an elementwise consumer would be fused into the dot as its output,
         # and XLA's CPU backend then copies the expert's matrix out before multiplying (measured 15x slower).
-        return jnp.concatenate([_times_expert(x_p, w, e) for x_p, (_, e) in zip(inputs, rows)])
+        return jnp.stack([_row_times_expert(x_p, w, e) for x_p, (_, e) in zip(inputs, rows)])
 
-    pair_x = [xf[r : r + 1] for r, _ in rows]
+    pair_x = [xf[r] for r, _ in rows]
     hidden = act(each_pair(pair_x, gate)) * each_pair(pair_x, up)  # [P, f]
-    y = each_pair([hidden[p : p + 1] for p in range(n * pairs)], down)  # [P, d]
+    y = each_pair([hidden[p] for p in range(n * pairs)], down)  # [P, d]
     return jnp.sum(y.reshape(n, pairs, -1) * coefficients[..., None], axis=1)
 
 

@@ -36,12 +36,13 @@ def _reference_mlp(x, experts, coefficients, gate, up, down):
     return out
 
 
-@pytest.mark.parametrize("rows,pairs", [(1, 2), (2, 4), (5, 2), (40, 3)])
-def test_expert_mlp_matches_float64(rows, pairs):
+@pytest.mark.parametrize("rows,pairs,f", [(1, 2, 80), (2, 4, 80), (5, 2, 80), (40, 3, 80), (1, 2, 2100)])
+def test_expert_mlp_matches_float64(rows, pairs, f):
     """Few pairs take the per-pair matrix-vector path, many the grouped matmul; both equal the float64 sum.
-    A zero coefficient drops its pair whatever its expert id (another shard's expert, out of range)."""
+    A zero coefficient drops its pair whatever its expert id (another shard's expert, out of range). An
+    expert row wider than `MATVEC_COLUMNS` (down's 2100 columns) is multiplied in pieces."""
     rng = np.random.default_rng(rows * 10 + pairs)
-    count, d, f = 8, 48, 80
+    count, d = 8, 48
     gate, up = rng.normal(size=(2, count, f, d)).astype(np.float32) * 0.2
     down = rng.normal(size=(count, d, f)).astype(np.float32) * 0.2
     x = rng.normal(size=(rows, d)).astype(np.float32)

@@ -167,6 +167,19 @@ def test_quantized_matmul_matches_float64(lead):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=name)
 
 
+def test_wide_quantized_matvec_matches_float64():
+    """Rows wider than `MATVEC_COLUMNS` are multiplied in pieces (whole groups each, the 4-bit halves
+    apart): 4160 input columns, not a multiple of the piece width, give the float64 product."""
+    columns = 2 * quantize.MATVEC_COLUMNS + 64
+    for name, q in _quantized_weights(16, columns).items():
+        q = jax.tree.map(jnp.asarray, q)
+        deq = np.asarray(quantize.dequantize(q), np.float64)
+        x = RNG.standard_normal((2, columns)).astype(np.float32)
+        got = np.asarray(jax.jit(quantize.matmul)(jnp.asarray(x), q))
+        ref = x.astype(np.float64) @ deq.T
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=name)
+
+
 def _host_quantized(model: jd.Model, quant: str, group_size: int = 32) -> jd.Model:
     """The tiny model with its weights quantized (loaders' `[out, in]` layout in, model layout out)."""
     host = to_model_layout(jax.tree.map(np.asarray, model.params))
