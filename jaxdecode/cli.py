@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
-        _enable_compilation_cache()
+        if args.command != "plan":  # plan's compile-only TPU / GPU executables cannot be read back from a cache
+            _enable_compilation_cache()
         commands = {
             "generate": _generate,
             "chat": _chat,
