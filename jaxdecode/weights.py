@@ -99,17 +99,19 @@ def _expert_matrix(w: Weight, expert: jax.Array) -> jax.Array:
 
 
 def _times_expert(x: jax.Array, w: Weight, expert: jax.Array) -> jax.Array:
-    """x float32 `[rows, in]` times expert `expert`'s matrix (contracted on `in`) -> float32 `[rows, out]`."""
+    """x float32 `[rows, in]` (a tile of the grouped matmul) times expert `expert`'s matrix (contracted on
+    `in`) -> float32 `[rows, out]`."""
     matrix = _expert_matrix(w, expert)
-    # Written x @ W^T: only so does XLA's CPU backend fuse the expert's slice into the matrix-vector product
-    # (a dot_general contracting both on `in` copies the slice out first: 13 ms against 1.1 ms, measured).
+    # Written x @ W^T, as `_row_times_expert`: a dot_general contracting both on `in` copies the slice out
+    # first (for one row: 13 ms against 1.1 ms, measured).
     return jnp.matmul(x.astype(matrix.dtype), matrix.T, preferred_element_type=jnp.float32)
 
 
 def _row_times_expert(x: jax.Array, w: Weight, expert: jax.Array) -> jax.Array:
     """One row x float32 `[in]` times expert `expert`'s matrix -> float32 `[out]`: a fused matrix-vector
-    product per piece of at most `quantize.MATVEC_COLUMNS` input columns (wider rows fall off XLA's CPU
-    fast path: a 1024 x 4096 expert matrix at 0.7 GB/s whole, 27 GB/s in two pieces; measured)."""
+    product (XLA's CPU backend fuses the expert's slice into it only when written x @ W^T) per piece of at
+    most `quantize.MATVEC_COLUMNS` input columns (wider rows fall off XLA's CPU fast path: a 1024 x 4096
+    expert matrix at 0.7 GB/s whole, 27 GB/s in two pieces; measured)."""
     matrix, step = _expert_matrix(w, expert), quantize.MATVEC_COLUMNS
     pieces = [
         jnp.dot(x[c : c + step].astype(matrix.dtype), matrix[:, c : c + step].T, preferred_element_type=jnp.float32)
