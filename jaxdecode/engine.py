@@ -517,44 +517,49 @@ def stream(model: Model, prompt: Any, *, sampling: Sampling = Sampling(), **requ
 # The cache-free forward.
 
 
-_apply_jit = jax.jit(apply, static_argnames=("config", "prefill", "attention_impl"))
+def _logits(params, config, tokens, positions, *, attention_impl="auto", parallel=None) -> jax.Array:
+    return apply(params, config, tokens, positions, attention_impl=attention_impl, parallel=parallel)[0]
+
+
+# The cache-free causal passes: what each returns, and how its output splits on a mesh (rows over `data`).
+_PASSES = {"forward": (_logits, P(DATA, None, MODEL)), "routing": (routing, P(None, DATA))}
+_PASS_JITS = {name: jax.jit(fn, static_argnames=("config", "attention_impl")) for name, (fn, _) in _PASSES.items()}
+
+
+def _causal_pass(model: Model, name: str, tokens: np.ndarray) -> jax.Array:
+    """Run pass `name` (`_PASSES`) over int32 tokens `[B, T]`, on the model's mesh if it has one (rows
+    padded to the `data` axis, the padding rows cut off again; the sharded program cached per model)."""
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    if model.mesh is None:
+        return _PASS_JITS[name](model.params, model.config, tokens, positions, attention_impl=model.attention)
+    batch = tokens.shape[0]
+    rows = _rows_for_mesh(model, batch)
+    if name not in model.executables:
+        model.executables[name] = _sharded_pass(model.mesh, model.config, model.attention, *_PASSES[name])
+    out = model.executables[name](model.params, *_on_mesh(model, (tokens[rows], positions[rows])))
+    return out[:batch] if name == "forward" else out[:, :batch]
 
 
 def forward(model: Model, tokens: Any) -> jax.Array:
     """Full causal forward without a cache: int32 `[B, T]` -> float32 logits `[B, T, vocab]`
     (on a mesh: split over `data` by row; `parallel.fetch` brings it to the host in every process)."""
-    tokens = token_array(model, tokens, "tokens", ndim=2)
-    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    if model.mesh is None:
-        return _apply_jit(model.params, model.config, tokens, positions, attention_impl=model.attention)[0]
-    batch = tokens.shape[0]
-    rows = _rows_for_mesh(model, batch)
-    if "forward" not in model.executables:
-        model.executables["forward"] = _sharded_forward(model.mesh, model.config, model.attention)
-    logits = model.executables["forward"](model.params, *_on_mesh(model, (tokens[rows], positions[rows])))
-    return logits[:batch]
+    return _causal_pass(model, "forward", token_array(model, tokens, "tokens", ndim=2))
 
 
-def _sharded_forward(mesh: jax.sharding.Mesh, config: ModelConfig, attention: str, what: str = "logits") -> Any:
-    """`(params, tokens, positions) -> logits [B, T, vocab]` (or `routing`'s experts) as one jitted shard_map."""
+def _sharded_pass(mesh: jax.sharding.Mesh, config: ModelConfig, attention: str, fn: Any, out_specs: P) -> Any:
+    """`(params, tokens, positions) -> fn's output` as one jitted shard_map (logits cut to the vocabulary)."""
     shard = parallel.parallel_of(mesh)
 
     def local(params, tokens, positions):
-        if what == "routing":
-            return routing(params, config, tokens, positions, attention_impl=attention, parallel=shard)
-        return apply(params, config, tokens, positions, attention_impl=attention, parallel=shard)[0]
+        return fn(params, config, tokens, positions, attention_impl=attention, parallel=shard)
 
     def run(params, tokens, positions):
         in_specs = (weights.specs(params), P(DATA), P(DATA))
-        out_specs = P(None, DATA) if what == "routing" else P(DATA, None, MODEL)
         out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
         out = out(params, tokens, positions)
-        return out if what == "routing" else out[..., : config.vocab_size]
+        return out[..., : config.vocab_size] if fn is _logits else out
 
     return jax.jit(run)
-
-
-_routing_jit = jax.jit(routing, static_argnames=("config", "attention_impl"))
 
 
 def routed_counts(model: Model, sequences: Sequence[Sequence[int]]) -> np.ndarray:
@@ -563,18 +568,8 @@ def routed_counts(model: Model, sequences: Sequence[Sequence[int]]) -> np.ndarra
     rounding at exact ties): int64 `[num_layers, num_experts]`, zeros in dense layers."""
     config = model.config
     encoded = encode_prompts(model, list(sequences))
-    lengths = np.asarray([len(s) for s in encoded])
-    tokens, _ = _pad(encoded, int(lengths.max()))
-    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    if model.mesh is None:
-        chosen = _routing_jit(model.params, config, tokens, positions, attention_impl=model.attention)
-    else:
-        rows = _rows_for_mesh(model, len(encoded))
-        key = ("routing", config)
-        if key not in model.executables:
-            model.executables[key] = _sharded_forward(model.mesh, config, model.attention, "routing")
-        chosen = model.executables[key](model.params, *_on_mesh(model, (tokens[rows], positions[rows])))
-    chosen = parallel.fetch(chosen)[:, : len(encoded)]  # [L, B, T, k]
+    tokens, lengths = _pad(encoded, max(map(len, encoded)))
+    chosen = parallel.fetch(_causal_pass(model, "routing", tokens))  # [L, B, T, k]
     valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
     counts = np.zeros((config.num_layers, config.num_experts), np.int64)
     for layer in range(config.num_layers):

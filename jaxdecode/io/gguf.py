@@ -572,8 +572,8 @@ def load_gguf(
             value = _requantize(f.array(source.name), f, source.name, native, dtype_name, "stacked experts")
         else:
             value = f.native(source.name, dtype_name) if native else f.array(source.name)
-        if not isinstance(value, QuantizedWeight):
-            value = value.reshape(expected_shapes(config)[ours])  # a vector stored for a one-row matrix
+        if ours.partition("/")[2] in _VECTOR_FOR_ROW:
+            value = value.reshape(expected_shapes(config)[ours])
         if arch in _PERMUTED_QK and ours.endswith(("attn/q/weight", "attn/k/weight")):
             value = _unpermute(value, config.num_heads if "/q/" in ours else config.num_kv_heads)
         *parents, leaf = ours.split("/")
