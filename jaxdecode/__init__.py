@@ -22,6 +22,7 @@ from .api import (
 )
 from .checkpoint import CheckpointError
 from .config import ModelConfig, RopeScaling
+from .flash import Offload
 from .kv_cache import KVCache, init_cache
 from .loop import GenerateOutput, generate_tokens
 from .model import apply, init_params
@@ -38,6 +39,7 @@ __all__ = [
     "KVCache",
     "Model",
     "ModelConfig",
+    "Offload",
     "QuantizedWeight",
     "RopeScaling",
     "Sampling",

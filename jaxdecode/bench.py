@@ -419,7 +419,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite",
         default="decode",
-        help=f"one of {', '.join([*SUITES, 'kernels', 'spec'])}, or several (not kernels or spec) with commas",
+        help=f"one of {', '.join([*SUITES, 'kernels', 'spec', 'flash'])}, or several, comma-separated (suites only)",
     )
     p.add_argument("--peers", default="hf,llamacpp", help="comma-separated: hf, llamacpp (or 'none')")
     p.add_argument("--dtypes", default="float32", help="jaxdecode dtypes, comma-separated")
@@ -439,6 +439,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="spec suite: how the self-draft works: a gathered copy of its view, the view read in place (through "
         "the attention's window; on CPU XLA attention reads the whole cache for it), or int8 weights on the copy",
     )
+    p.add_argument("--budget-mb", type=float, nargs="+", help="flash suite: memory budgets for weights (default 380)")
+    p.add_argument("--fractions", help="flash suite: neuron fractions for flash and oracle, comma-separated")
+    p.add_argument("--flash-dir", help="flash suite: the flash checkpoint (made from --model when missing)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or .gguf file (the peers load the same file)")
     p.add_argument("--quants", help="jaxdecode weight formats, comma-separated: none, int8, int4, native")
     p.add_argument(
@@ -454,8 +457,8 @@ def run(args: argparse.Namespace) -> int:
     """The CLI's `bench` command. Raises ValueError on bad arguments (the CLI prints one line)."""
     suites = args.suite.split(",")
     for suite in suites:
-        if suite not in SUITES and suites not in (["kernels"], ["spec"]):
-            raise ValueError(f"unknown suite {suite!r}; choose from {', '.join([*SUITES, 'kernels', 'spec'])}")
+        if suite not in SUITES and suites not in (["kernels"], ["spec"], ["flash"]):
+            raise ValueError(f"unknown suite {suite!r}; choose from {', '.join([*SUITES, 'kernels', 'spec', 'flash'])}")
     if suites == ["kernels"]:
         from pallas_kernels import benchmark
 
@@ -485,14 +488,25 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--gamma, --budget and --context take positive numbers")
     this_machine = machine()
     print(f"machine: {this_machine}", file=sys.stderr)
-    spec = suites == ["spec"]
-    rows = run_spec(args) if spec else [row for suite in suites for row in run_suite(args, suite)]
-    print(spec_table(rows) if spec else table(rows))
+    if any(b <= 0 for b in args.budget_mb or []):
+        raise ValueError("--budget-mb takes positive numbers of megabytes")
+    spec, flash_suite = suites == ["spec"], suites == ["flash"]
+    if spec:
+        rows = run_spec(args)
+        print(spec_table(rows))
+    elif flash_suite:
+        rows = run_flash(args)
+        print(flash_table(rows))
+    else:
+        rows = [row for suite in suites for row in run_suite(args, suite)]
+        print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": this_machine, "suite": args.suite, "rows": rows}, f, indent=1)
     if args.plot:
-        spec_plot(rows, args.plot) if spec else plot(rows, args.plot, args.model)
+        (spec_plot(rows, args.plot) if spec else flash_plot(rows, args.plot)) if spec or flash_suite else plot(
+            rows, args.plot, args.model
+        )
     return 0
 
 
@@ -669,13 +683,167 @@ def run_spec(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# The flash suite (LLM in a flash, `flash.py`): one flash checkpoint run by each strategy in its own process.
+
+FLASH_STRATEGIES = ("resident", "naive", "mmap", "oracle", "flash")
+FLASH_PPL_OFFSET = 16384  # perplexity on pydoc tokens after the ones the predictors were trained on (the first 8192)
+
+
+def _flash_dir(args: argparse.Namespace) -> str:
+    """The flash checkpoint the suite runs: `--flash-dir`, converted from `--model` and its predictors
+    trained (defaults of `jaxdecode train-predictors`, on the pydoc text) when missing."""
+    from pathlib import Path
+
+    import jaxdecode as jd
+
+    from . import checkpoint, flash, predictors
+
+    directory = Path(args.flash_dir or Path.home() / ".cache" / "jaxdecode" / "flash" / Path(str(args.model)).stem)
+    if not checkpoint.is_checkpoint(directory):
+        print(f"converting {args.model} into the flash checkpoint {directory}", file=sys.stderr)
+        jd.save(jd.load(args.model), directory, flash=True)
+    version = checkpoint.version_dir(directory)
+    if not flash.is_flash(version):
+        raise ValueError(f"{directory} is a checkpoint but not a flash one: give --flash-dir a new directory")
+    if not (version / flash.FLASH / flash.PREDICTORS).is_file():
+        print(f"training predictors for {directory} (rank 128, fraction 0.3)", file=sys.stderr)
+        model = jd.load(directory)
+        layers, report = predictors.train(model, prompt_ids(predictors.Training().max_tokens, args.model))
+        predictors.save(directory, layers, report)
+    return str(directory)
+
+
+def flash_child(spec: dict, runs: int) -> dict:
+    import jaxdecode as jd
+
+    strategy = spec["strategy"]
+    offload = None
+    if strategy != "resident":
+        reads = {"naive": "matrices", "mmap": "mmap"}.get(strategy, "neurons")
+        predictor = "oracle" if strategy == "oracle" else "trained"
+        offload = jd.Offload(spec["budget_mb"], predictor=predictor, fraction=spec["fraction"], reads=reads)
+    model = jd.load(spec["directory"], offload=offload)
+    ids = prompt_ids(FLASH_PPL_OFFSET + spec["ppl_tokens"], spec["model"])[FLASH_PPL_OFFSET:]
+    ppl, _ = jd.perplexity(model, ids, window=spec["ppl_window"])
+    prompt = [prompt_ids(spec["prompt"], spec["model"])]
+    jd.generate(model, prompt, max_new_tokens=spec["new_tokens"], stop_ids=())
+    results = [jd.generate(model, prompt, max_new_tokens=spec["new_tokens"], stop_ids=()) for _ in range(runs)]
+    middle = sorted(results, key=lambda r: r.decode_tokens_per_s)[len(results) // 2]
+    stats = middle.offload or {"bytes_read_per_token": 0.0, "ffn_fraction_read": 0.0, "hit_rate": 1.0}
+    keep = ("bytes_read_per_token", "ffn_fraction_read", "hit_rate", "io_s", "compute_s", "resident_mb", "cache_mb")
+    return {
+        **spec,
+        "decode_tokens_per_s": middle.decode_tokens_per_s,
+        "decode_s": middle.decode_s,
+        "perplexity": ppl,
+        **{k: stats[k] for k in keep if k in stats},
+        "read_mode": stats.get("read_mode", "resident"),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def run_flash(args: argparse.Namespace) -> list[dict]:
+    directory = _flash_dir(args)
+    budgets = args.budget_mb or [380.0]
+    fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else [None]
+    rows = []
+    for budget in budgets:
+        for strategy in FLASH_STRATEGIES:
+            if strategy == "resident" and budget != budgets[0]:
+                continue
+            for fraction in fractions if strategy in ("oracle", "flash") else [None]:
+                spec = {"strategy": strategy, "budget_mb": None if strategy == "resident" else budget}
+                spec |= {"fraction": fraction, "directory": directory, "model": args.model, "prompt": 128}
+                spec |= {"new_tokens": args.new_tokens or 64, "ppl_tokens": args.ppl_tokens, "ppl_window": 512}
+                command = [sys.executable, "-m", "jaxdecode.bench", "--flash-child", json.dumps(spec)]
+                done = subprocess.run([*command, "--runs", str(args.runs)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    last_line = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                    raise RuntimeError(f"flash {strategy} budget {budget} failed: {last_line}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(_flash_line(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def _flash_line(r: dict) -> str:
+    budget = "all in RAM" if r["budget_mb"] is None else f"budget {r['budget_mb']:g} MB"
+    fraction = "" if r["fraction"] is None else f" fraction {r['fraction']:g}"
+    return (
+        f"{r['strategy']}{fraction} ({budget}): decode {r['decode_tokens_per_s']:.2f} tok/s, "
+        f"read {r['bytes_read_per_token'] / 1e6:.1f} MB/token ({r['ffn_fraction_read']:.1%} of the FFN), "
+        f"hit rate {r['hit_rate']:.1%}, perplexity {r['perplexity']:.3f}, peak RSS {r['peak_rss_mb']:.0f} MB"
+    )
+
+
+def flash_table(rows: list[dict]) -> str:
+    head = "| strategy | budget MB | fraction | decode tok/s | vs naive | MB read/token | FFN read | perplexity "
+    head += "| peak RSS MB |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        naive = next((n for n in rows if n["strategy"] == "naive" and n["budget_mb"] == r["budget_mb"]), None)
+        ratio = f"{r['decode_tokens_per_s'] / naive['decode_tokens_per_s']:.2f}x" if naive else ""
+        cells = [r["strategy"], "" if r["budget_mb"] is None else f"{r['budget_mb']:g}"]
+        cells += ["" if r["fraction"] is None else f"{r['fraction']:g}", f"{r['decode_tokens_per_s']:.2f}", ratio]
+        cells += [f"{r['bytes_read_per_token'] / 1e6:.1f}", f"{r['ffn_fraction_read']:.1%}", f"{r['perplexity']:.3f}"]
+        lines.append("| " + " | ".join(map(str, [*cells, f"{r['peak_rss_mb']:.0f}"])) + " |")
+    return "\n".join(lines)
+
+
+def flash_plot(rows: list[dict], path: str) -> None:
+    """Decode tokens/s and MB read per token against the budget (one line per strategy and fraction), and
+    perplexity against the share of the FFN read per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    offloaded = [r for r in rows if r["budget_mb"] is not None]
+    labels = dict.fromkeys((r["strategy"], r["fraction"]) for r in offloaded)
+    for strategy, fraction in labels:
+        mine = sorted(
+            (r for r in offloaded if (r["strategy"], r["fraction"]) == (strategy, fraction)),
+            key=lambda r: r["budget_mb"],
+        )
+        name = strategy + ("" if fraction is None else f" {fraction:g}")
+        axes[0].plot([r["budget_mb"] for r in mine], [r["decode_tokens_per_s"] for r in mine], marker="o", label=name)
+        axes[1].plot(
+            [r["budget_mb"] for r in mine], [r["bytes_read_per_token"] / 1e6 for r in mine], marker="o", label=name
+        )
+    for r in rows:
+        if r["strategy"] == "resident":
+            axes[0].axhline(r["decode_tokens_per_s"], color="gray", linestyle="--", label="resident (all in RAM)")
+            axes[2].axhline(r["perplexity"], color="gray", linestyle="--", label="resident")
+    for strategy in ("flash", "oracle"):
+        mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["ffn_fraction_read"])
+        if mine:
+            axes[2].plot(
+                [100 * r["ffn_fraction_read"] for r in mine],
+                [r["perplexity"] for r in mine],
+                marker="o",
+                label=strategy,
+            )
+    axes[0].set(xlabel="memory budget (MB)", ylabel="decode tokens/s", title="speed")
+    axes[1].set(xlabel="memory budget (MB)", ylabel="MB read from storage per token", title="reads")
+    axes[2].set(xlabel="FFN read per token (%)", ylabel="perplexity (pydoc text)", title="quality")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 if __name__ == "__main__":  # the per-engine child process
     parser = argparse.ArgumentParser()
     parser.add_argument("--child")
     parser.add_argument("--spec-child")
+    parser.add_argument("--flash-child")
     parser.add_argument("--runs", type=int, default=3)
     child_args = parser.parse_args()
     if child_args.spec_child:
         print(json.dumps(spec_child(json.loads(child_args.spec_child), child_args.runs)))
+    elif child_args.flash_child:
+        print(json.dumps(flash_child(json.loads(child_args.flash_child), child_args.runs)))
     else:
         print(json.dumps(child(json.loads(child_args.child), child_args.runs)))

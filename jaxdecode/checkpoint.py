@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tokenizers
 
+from . import flash
 from .config import ModelConfig, RopeScaling
 from .io.tokenizer import Tokenizer
 from .io.validate import ModelFileError, check_params, inside, read_json, read_text
@@ -172,14 +173,45 @@ def check_destination(directory: Path) -> None:
         raise CheckpointError(directory, f"cannot be written to: {e.strerror or e}") from e
 
 
-def save(config: ModelConfig, params: Any, tokenizer: Tokenizer | None, directory: str | os.PathLike[str]) -> Path:
+def _new_version(directory: Path) -> Path:
+    version = directory / f"v-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    version.mkdir()
+    return version
+
+
+def _commit(directory: Path, version: Path) -> None:
+    """Write the manifest of `version`, make it LATEST atomically, remove the other versions."""
+    (version / MANIFEST).write_text(json.dumps(_file_digests(version), indent=1))
+    _fsync_tree(version)
+    pointer = directory / f".{LATEST}.{os.getpid()}"
+    pointer.write_text(version.name)
+    _fsync(pointer)
+    os.replace(pointer, directory / LATEST)  # the commit point
+    _fsync(directory)
+    for stale in directory.glob("v-*"):  # the previous version and leftovers of interrupted saves
+        if stale.name != version.name:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def save(
+    config: ModelConfig,
+    params: Any,
+    tokenizer: Tokenizer | None,
+    directory: str | os.PathLike[str],
+    offload_mlps: bool = False,
+) -> Path:
     """Write a checkpoint into `directory` (created, or an existing checkpoint replaced safely).
+    `offload_mlps`: the dense MLPs go into flash bundles (`flash.py`), the rest into Orbax.
     Returns the directory of the new version."""
     directory = Path(directory).absolute()
     check_destination(directory)
-    version = directory / f"v-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    if offload_mlps:
+        flash.check_convertible(config)
+    version = None
     try:
-        version.mkdir()
+        version = _new_version(directory)
+        if offload_mlps:
+            params = flash.write_bundles(version, config, params)
         tree, quantized = _split_quantized(params)
         tree = jax.tree.map(np.asarray, tree)
         with ocp.StandardCheckpointer() as checkpointer:
@@ -194,19 +226,39 @@ def save(config: ModelConfig, params: Any, tokenizer: Tokenizer | None, director
                 "special_tokens": tokenizer.special_tokens,
             }
         (version / "jaxdecode.json").write_text(json.dumps(meta, indent=1))
-        (version / MANIFEST).write_text(json.dumps(_file_digests(version), indent=1))
-        _fsync_tree(version)
-        pointer = directory / f".{LATEST}.{os.getpid()}"
-        pointer.write_text(version.name)
-        _fsync(pointer)
-        os.replace(pointer, directory / LATEST)  # the commit point
-        _fsync(directory)
+        _commit(directory, version)
+    except BaseException:
+        if version is not None:
+            shutil.rmtree(version, ignore_errors=True)
+        raise
+    return version
+
+
+def add_files(directory: str | os.PathLike[str], files: dict[str, bytes]) -> Path:
+    """A new version of the checkpoint in `directory`: its files (hard links where the file system has
+    them, else copies) plus `files` (relative name -> contents, replacing any of the same name),
+    committed like a save. Returns the new version."""
+    directory = Path(directory).absolute()
+    old = _verified_version(directory)
+    version = _new_version(directory)
+    try:
+        for path in sorted(p for p in old.rglob("*") if p.is_file() and p.name != MANIFEST):
+            target = version / path.relative_to(old)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if str(path.relative_to(old)) in files:
+                continue
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+        for name, data in files.items():
+            target = inside(version, name, version, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        _commit(directory, version)
     except BaseException:
         shutil.rmtree(version, ignore_errors=True)
         raise
-    for stale in directory.glob("v-*"):  # the previous version and leftovers of interrupted saves
-        if stale.name != version.name:
-            shutil.rmtree(stale, ignore_errors=True)
     return version
 
 
@@ -347,6 +399,11 @@ def _metadata(version: Path) -> dict[str, Any]:
     return meta
 
 
+def version_dir(directory: str | os.PathLike[str]) -> Path:
+    """The LATEST version's directory (unchecked: `load` checks it)."""
+    return _version(Path(directory))
+
+
 def saved_config(directory: str | os.PathLike[str]) -> ModelConfig:
     """The config of the checkpoint in `directory` (read without checking the files; `load` checks them)."""
     return _metadata(_version(Path(directory)))["config"]
@@ -388,7 +445,7 @@ def load(directory: str | os.PathLike[str], shardings: Any = None) -> tuple[Mode
             raise CheckpointError(params_dir, f"cannot be read by Orbax ({type(e).__name__}: {e}); {_AGAIN}") from e
         # Saved as the model holds them: float Linear weights [in, out], quantized ones [out, in].
         joined = _join_quantized(abstract, quantized, params_dir)
-        check_params(config, joined, params_dir, in_out=True)
+        check_params(config, joined, params_dir, in_out=True, dense_mlps=not flash.is_flash(version))
         placement = None if shardings is None else shardings(config, joined)
         if placement is None:
             cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])

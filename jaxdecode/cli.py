@@ -1,4 +1,5 @@
-"""Command line: `jaxdecode generate`, `chat`, `convert`, `eval-ppl`, `bench`, `plan` and `doctor`.
+"""Command line: `jaxdecode generate`, `chat`, `convert`, `train-predictors`, `eval-ppl`, `bench`, `plan`
+and `doctor`.
 
 Errors a user can fix (bad model name, missing file, bad settings) end with one line on stderr and
 exit status 2, never a traceback.
@@ -52,6 +53,14 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         help="attention kernels: auto (Pallas on TPU/GPU, XLA on CPU), xla, pallas, interpret (slow, CPU check)",
     )
     _add_quant_args(p)
+    p.add_argument(
+        "--offload-mb",
+        type=float,
+        default=None,
+        help="a flash checkpoint (convert --flash) run in this many MB of weights: MLP neurons read from storage",
+    )
+    p.add_argument("--predictor", default="trained", choices=["trained", "oracle"], help="with --offload-mb")
+    p.add_argument("--fraction", type=float, default=None, help="with --offload-mb: share of neurons per token")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -91,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("destination", help="checkpoint directory (an existing checkpoint is replaced safely)")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _add_quant_args(convert)
+    convert.add_argument(
+        "--flash", action="store_true", help="MLP weights in per-neuron bundle files, for load(..., offload=...)"
+    )
+    train = sub.add_parser(
+        "train-predictors", help="train a flash checkpoint's activity predictors on a text (LLM in a flash)"
+    )
+    train.add_argument("checkpoint", help="a flash checkpoint (jaxdecode convert SRC DST --flash)")
+    train.add_argument("--text-file", required=True)
+    train.add_argument("--rank", type=int, default=128)
+    train.add_argument("--fraction", type=float, default=0.3, help="share of neurons active per token")
+    train.add_argument("--steps", type=int, default=400)
+    train.add_argument("--max-tokens", type=int, default=8192, help="tokens of the text recorded (10%% held out)")
     ppl = sub.add_parser("eval-ppl", help="perplexity of a text file in non-overlapping windows (no BOS)")
     ppl.add_argument("--text-file", required=True)
     ppl.add_argument("--max-tokens", type=int, default=None, help="score the first N tokens (default: all)")
@@ -141,7 +162,57 @@ def _sampling(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     import jaxdecode as jd
 
-    return jd.load(args.model, dtype=args.dtype, attention=args.attention, quant=args.quant, group_size=args.group_size)
+    offload = None
+    if args.offload_mb is not None:
+        offload = jd.Offload(args.offload_mb, predictor=args.predictor, fraction=args.fraction)
+    return jd.load(
+        args.model,
+        dtype=args.dtype,
+        attention=args.attention,
+        quant=args.quant,
+        group_size=args.group_size,
+        offload=offload,
+    )
+
+
+def _read_text(name: str) -> str:
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such text file: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _train_predictors(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    import jaxdecode as jd
+    from jaxdecode import predictors
+
+    settings = predictors.Training(rank=args.rank, fraction=args.fraction, steps=args.steps, max_tokens=args.max_tokens)
+    text = _read_text(args.text_file)
+    if not jd.flash.is_flash(jd.checkpoint.version_dir(args.checkpoint)):
+        raise ValueError(f"{args.checkpoint} is not a flash checkpoint: convert it with --flash first")
+    model = jd.load(args.checkpoint)
+    ids = model.require_tokenizer().encode(text)
+    if len(ids) < settings.max_tokens:
+        raise ValueError(f"{args.text_file} has {len(ids)} tokens, fewer than --max-tokens {settings.max_tokens}")
+    with tqdm(total=settings.steps, desc="train predictors", unit="step", file=sys.stderr) as bar:
+
+        def progress(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        layers, report = predictors.train(model, ids, settings, progress)
+    predictors.save(args.checkpoint, layers, report)
+    print(
+        f"held-out tokens: {report['held_out_tokens']}; per layer (fraction {settings.fraction}, rank {settings.rank}):"
+    )
+    for i, (p, r) in enumerate(zip(report["precision"], report["recall"])):
+        print(f"  layer {i:3d}  precision {p:.3f}  recall {r:.3f}")
+    print(f"saved the predictors into {args.checkpoint}", file=sys.stderr)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -150,13 +221,15 @@ def _convert(args: argparse.Namespace) -> None:
     import jaxdecode as jd
 
     jd.quantize.check_choice(args.quant, args.group_size)  # fail before the slow part
+    if args.flash and (args.quant or args.dtype != "float32"):
+        raise ValueError("--flash writes float32 bundles: leave out --quant and --dtype bfloat16")
     jd.checkpoint.check_destination(Path(args.destination).absolute())
     with tqdm(total=2, desc=f"convert {args.source}", unit="step", file=sys.stderr) as bar:
         bar.set_postfix_str("reading" + (f" and quantizing ({args.quant})" if args.quant else ""))
         model = jd.load(args.source, dtype=args.dtype, quant=args.quant, group_size=args.group_size)
         bar.update()
         bar.set_postfix_str(f"writing {args.destination}")
-        jd.save(model, args.destination)
+        jd.save(model, args.destination, flash=args.flash)
         bar.update()
     size = jd.quantize.param_bytes(model.params)
     print(f"saved {args.destination} ({size / 1e6:.1f} MB of parameters)", file=sys.stderr)
@@ -165,15 +238,9 @@ def _convert(args: argparse.Namespace) -> None:
 def _eval_ppl(args: argparse.Namespace) -> None:
     import jaxdecode as jd
 
-    path = Path(args.text_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such text file: {path}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    path, text = Path(args.text_file), _read_text(args.text_file)
     model = _load(args)
     ids = model.require_tokenizer().encode(text)
     if args.max_tokens is not None:
@@ -321,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             "chat": _chat,
             "convert": _convert,
             "eval-ppl": _eval_ppl,
+            "train-predictors": _train_predictors,
             "bench": _bench,
             "plan": _plan,
             "doctor": _doctor,

@@ -59,6 +59,7 @@ class Model:
     mesh: jax.sharding.Mesh | None = None  # set by `shard`: params are in the sharded layout (weights.py)
     executables: dict[Any, Any] = field(default_factory=dict, repr=False)
     derived: dict[str, Params] = field(default_factory=dict, repr=False)  # e.g. an int8 self-draft's weights
+    offload: Any = None  # a `flash.FlashStore`: the MLP weights are in storage (`load(..., offload=...)`)
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -82,6 +83,7 @@ class GenerationResult:
     decode_tokens: int = 0  # tokens the decode loop produced, summed over the batch (0: decode_steps - 1 each)
     speculation: dict[str, float] | None = None  # gamma, acceptance rate, tokens per round (speculative only)
     expert_load: np.ndarray | None = None  # int64 [layers, experts]: tokens routed to each (`expert_load=True`)
+    offload: dict[str, Any] | None = None  # an offloaded model's decode statistics (`flash.FlashStore.statistics`)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -428,8 +430,14 @@ def generate(
     """Generate continuations of one prompt or a batch (`jaxdecode.generate` documents the arguments)."""
     if expert_load and not model.config.num_experts:
         raise ValueError(f"expert_load needs a mixture-of-experts model; {model.config.family} has no experts")
+    if model.offload is not None and speculative is not None:
+        raise ValueError("an offloaded model decodes plainly: speculative decoding would read each neuron per draft")
+    if model.offload is not None:
+        model.offload.begin()
     run = start(model, prompts, speculative=speculative, **request)
     loop, compile_s = compiled(model, decode_loop, run.settings, run.args, donate=(1,))
+    if model.offload is not None:
+        model.offload.prefill_done()
     begin = time.perf_counter()
     state = jax.block_until_ready(loop(*run.args))
     decode_s = time.perf_counter() - begin
@@ -445,8 +453,14 @@ def generate(
             p + (g if why == "stop" else g[:-1]) for p, g, why in zip(run.prompts, result.tokens, result.finish_reasons)
         ]
         load = routed_counts(model, fed)
+    offload = model.offload.statistics() if model.offload is not None else None
     return replace(
-        result, decode_s=decode_s, compile_s=run.compile_s + compile_s, speculation=speculation, expert_load=load
+        result,
+        decode_s=decode_s,
+        compile_s=run.compile_s + compile_s,
+        speculation=speculation,
+        expert_load=load,
+        offload=offload,
     )
 
 

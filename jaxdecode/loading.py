@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, parallel, weights
+from . import checkpoint, flash, parallel, weights
 from .attention import resolve as resolve_attention
 from .collectives import MODEL
 from .config import ModelConfig
@@ -25,6 +25,7 @@ from .io.hf import load_hf, read_hf_config
 from .io.sources import resolve_source
 from .quantize import check_choice as check_quant_choice
 from .quantize import is_quantized, quantize_params
+from .quantize import param_bytes as quantize_param_bytes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -37,6 +38,7 @@ def load(
     mesh: jax.sharding.Mesh | None = None,
     quant: str | None = None,
     group_size: int = 128,
+    offload: flash.Offload | None = None,
 ) -> Model:
     """Load a model.
 
@@ -53,6 +55,9 @@ def load(
       quant: None (float weights), "int8" (per output channel), "int4" (groups of `group_size` columns)
         or "native" (a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks). See `jaxdecode/quantize.py`.
       group_size: int4 group size, 32, 64 or 128.
+      offload: `Offload(memory_budget_mb=...)` for a flash checkpoint (`jaxdecode convert SRC DST --flash`):
+        the MLP weights stay in storage and are read neuron by neuron (`flash.py`); without it, a flash
+        checkpoint loads whole into RAM.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
@@ -60,7 +65,11 @@ def load(
     backend = resolve_attention(attention)
     path = resolve_source(source)
     if checkpoint.is_checkpoint(path):
-        return _load_checkpoint(path, dtype, backend, mesh, quant)
+        return _load_checkpoint(path, dtype, backend, mesh, quant, offload)
+    if offload is not None:
+        raise ValueError(
+            f"offload needs a flash checkpoint: convert {source} first (jaxdecode convert SRC DST --flash)"
+        )
     np_dtype = np.dtype(DTYPES[dtype])
     if path.is_dir():
         if quant == "native":
@@ -85,12 +94,19 @@ def load_config(source: str | os.PathLike[str]) -> ModelConfig:
     return open_model(path).config
 
 
-def _load_checkpoint(path: Path, dtype: str, backend: str, mesh: jax.sharding.Mesh | None, quant: str | None) -> Model:
+def _load_checkpoint(
+    path: Path, dtype: str, backend: str, mesh: jax.sharding.Mesh | None, quant: str | None, offload: Any
+) -> Model:
     """A `save`d checkpoint; with a mesh, params are read straight onto their devices where the sharded
     layout is the saved one (no KV-head repetition, vocabulary padding or 4-bit re-packing), else
-    placed by `shard`."""
+    placed by `shard`. A flash checkpoint's MLPs come from its bundles: read whole, or offloaded."""
     if quant is not None:
         raise ValueError(f"{path} is a saved checkpoint, loaded as saved: convert it with --quant {quant} instead")
+    version = checkpoint.version_dir(path)
+    if flash.is_flash(version):
+        return _load_flash(path, dtype, backend, mesh, offload)
+    if offload is not None:
+        raise ValueError(f"offload needs a flash checkpoint; {path} is not one (jaxdecode convert SRC DST --flash)")
     model_size = 1 if mesh is None else mesh.shape[MODEL]
     direct = []  # whether the params were read straight onto the mesh
 
@@ -117,13 +133,39 @@ def _load_checkpoint(path: Path, dtype: str, backend: str, mesh: jax.sharding.Me
     return shard(model, mesh) if mesh is not None else replace(model, params=jax.tree.map(jnp.asarray, params))
 
 
-def save(model: Model, directory: str | os.PathLike[str]) -> Path:
+def _load_flash(path: Path, dtype: str, backend: str, mesh: jax.sharding.Mesh | None, offload: Any) -> Model:
+    if dtype != "float32":
+        raise ValueError(f"{path} is a float32 flash checkpoint: load it with dtype='float32'")
+    if offload is not None and mesh is not None:
+        raise ValueError("offload runs on one host device: load without a mesh")
+    config, params, tokenizer = checkpoint.load(path)  # every file checked against the manifest first
+    version = checkpoint.version_dir(path)
+    bundles = flash.read_bundles(version, config)
+    if offload is None:
+        model = Model(config, flash.resident_mlps(version, config, bundles, params), tokenizer, str(path), backend)
+        return (
+            shard(model, mesh) if mesh is not None else replace(model, params=jax.tree.map(jnp.asarray, model.params))
+        )
+    store = flash.FlashStore(version, config, bundles, offload, quantize_param_bytes(params))
+    params = store.host_mlps(jax.tree.map(jnp.asarray, params))
+    return Model(config, params, tokenizer, str(path), backend, offload=store)
+
+
+def save(model: Model, directory: str | os.PathLike[str], flash: bool = False) -> Path:
     """Save `model` (config, tokenizer, float or quantized params) as an Orbax checkpoint in `directory`;
     `load(directory)` restores it bit for bit. An existing checkpoint there is replaced only once the
-    new one is complete. See `jaxdecode/checkpoint.py`."""
+    new one is complete. See `jaxdecode/checkpoint.py`. `flash=True`: a float32 model's dense MLPs go
+    into per-layer bundle files, for `load(directory, offload=Offload(...))` (`jaxdecode/flash.py`)."""
+    if flash and (is_quantized(model.params["embed"]) or jnp.dtype(model.params["embed"].dtype) != jnp.float32):
+        raise ValueError("flash checkpoints hold float32 weights: convert with --dtype float32 and without --quant")
+    if model.offload is not None:
+        raise ValueError(
+            "an offloaded model's MLPs are in its flash checkpoint already; load it without offload to save it"
+        )
     if model.mesh is not None:
         raise ValueError("save the model as loaded without a mesh (a sharded model holds the mesh's layout)")
-    return checkpoint.save(model.config, model.params, model.tokenizer, directory)
+    params = jax.tree.map(np.asarray, model.params) if flash else model.params
+    return checkpoint.save(model.config, params, model.tokenizer, directory, offload_mlps=flash)
 
 
 def shard(model: Model, mesh: jax.sharding.Mesh) -> Model:

@@ -182,10 +182,14 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.has_variable("params", "host"):  # weights in storage, computed by the weight layer (flash.py)
+            return weights.host_mlp(x, self.get_variable("params", "host"))
         cfg, act = self.config, _ACTIVATIONS[self.config.activation]
         width = par.per_shard(self.width or cfg.ffn_dim, self.parallel)
         up = Linear(width, cfg.mlp_bias, name="up")(x)
         hidden = act(Linear(width, cfg.mlp_bias, name="gate")(x)) * up if cfg.mlp == "gated" else act(up)
+        self.sow("intermediates", "input", x)  # read by `mlp_activity`
+        self.sow("intermediates", "hidden", hidden)
         return Linear(cfg.d_model, cfg.mlp_bias, self.parallel, name="down")(hidden)
 
 
@@ -392,6 +396,18 @@ def routing(
     none = jnp.full((*tokens.shape, config.experts_per_token), -1, jnp.int32)
     return jnp.stack(
         [chosen[f"layer_{i}"]["moe"]["chosen"][0] if config.is_moe(i) else none for i in range(config.num_layers)]
+    )
+
+
+def mlp_activity(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array) -> tuple:
+    """Each dense MLP's input and hidden activations (`act(gate . x) * (up . x)`) in the causal forward:
+    float32 `[num_layers, B, T, d_model]` and `[num_layers, B, T, ffn_dim]` (for training flash predictors)."""
+    dtype = jnp.dtype(params["embed"].dtype)
+    _, captured = Decoder(config, "xla", dtype).apply({"params": params}, tokens, positions, mutable=["intermediates"])
+    layers = [captured["intermediates"][f"layer_{i}"]["mlp"] for i in range(config.num_layers)]
+    return (
+        jnp.stack([m["input"][0] for m in layers]).astype(jnp.float32),
+        jnp.stack([m["hidden"][0] for m in layers]).astype(jnp.float32),
     )
 
 

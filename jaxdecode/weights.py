@@ -13,6 +13,8 @@ row-parallel ones split `in`, embeddings and the LM head split the vocabulary; `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import io_callback
 from jax.sharding import PartitionSpec as P
 
 from . import collectives as col
@@ -35,6 +38,23 @@ VOCAB = ("embed", "lm_head")
 EXPERTS = "experts"  # stacked expert matrices [E, out, in], split over `model` by expert
 
 _init = nn.initializers.normal(stddev=0.02)
+
+
+@jax.tree_util.register_static
+@dataclass(frozen=True, eq=False)
+class HostMLP:
+    """A dense MLP whose weights are not among the params: `compute(x)` (NumPy float32 `[..., d_model]` ->
+    the same) runs it on the host, reading its weights from storage (`flash.py`). A pytree without
+    leaves: it travels inside the params as static data, compared by identity."""
+
+    compute: Callable[[np.ndarray], np.ndarray]
+
+
+def host_mlp(x: jax.Array, mlp: HostMLP) -> jax.Array:
+    """x `[..., d_model]` through a `HostMLP`: one ordered host callback (it keeps the host's caches in step)."""
+    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    y = io_callback(mlp.compute, out, x.astype(jnp.float32), ordered=True)
+    return y.astype(x.dtype)
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: Any) -> Any:

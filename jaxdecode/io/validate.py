@@ -115,17 +115,21 @@ def check_params(
     source: str | os.PathLike[str],
     origin: dict[str, str] | None = None,
     in_out: bool = False,
+    dense_mlps: bool = True,
 ) -> None:
     """Every tensor of `params` (arrays, `ShapeDtypeStruct`s or `QuantizedWeight`s; float Linear weights
     `[out, in]` as files store them, or `[in, out]` as the model holds them with `in_out`) present, of the
     shape `config` implies and of a floating-point dtype, and no tensor the config has no use for: a
-    ModelFileError naming the first that is not (as `origin` names it: our path -> the file's own name)."""
+    ModelFileError naming the first that is not (as `origin` names it: our path -> the file's own name).
+    `dense_mlps=False`: the dense MLPs' weights are elsewhere (a flash checkpoint's bundles) and not expected."""
     import jax
 
     from ..quantize import QuantizedWeight, is_quantized
 
     origin = origin or {}
     expected = expected_shapes(config)
+    if not dense_mlps:
+        expected = {name: shape for name, shape in expected.items() if "/mlp/" not in name}
     found = {
         "/".join(str(getattr(p, "key", p)) for p in path): leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_quantized)
