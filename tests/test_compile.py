@@ -370,3 +370,23 @@ def test_plan_llama_3_1_8b():
         compiled = report["per_device_bytes"]["params"] + report["per_device_bytes"]["kv_cache"]
         analytic = report["analytic_bytes"]["params"] + report["analytic_bytes"]["kv_cache"]
         assert abs(analytic - compiled) <= 0.1 * compiled
+
+
+def test_flash_accelerator_tier_compiles_for_tpu_with_the_gather_on_the_host():
+    """scripts/compile_flash_tpu.py: one FFN layer of LLM in a flash with its bundles in host memory
+    (pinned_host) and its neuron cache in HBM, compiled for v5e: only the fetched rows are device
+    temporaries (the host gathers them), and the cache is updated in place."""
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "compile_flash_tpu.py"), "--model", "smollm2-135m"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = {line.split(":")[0].strip(): line for line in done.stdout.splitlines()}
+    mb = lambda key: float(lines[key].split(":")[1].split("MB")[0])  # noqa: E731
+    bundles = 1536 * 3 * 576 * 2 / 1e6
+    assert mb("host bundles (pinned_host)") == pytest.approx(bundles, abs=0.1)
+    assert mb("device temporaries") < bundles / 4  # the 153 fetched rows (10%), not the layer
+    assert mb("aliased (cache updated in place)") > 0

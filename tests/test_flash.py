@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny import TINY, tiny_model
 
 import jaxdecode as jd
 from jaxdecode import flash, predictors
 from jaxdecode.cli import main
+
+from tiny import TINY, tiny_model
 
 PROMPTS = [[5, 17, 33, 2, 9]]
 # The tiny model's FFN: 2 layers x 48 neurons x 512-byte records = 48 KB (24.6 KB a layer); resident part
