@@ -199,14 +199,17 @@ def read_layer(version: Path, bundles: Bundles, layer: int) -> np.ndarray:
 
 
 def resident_mlps(version: Path, config: ModelConfig, bundles: Bundles, params: Any) -> Any:
-    """`params` with the dense MLPs read back from the bundles (a flash checkpoint loaded without offload)."""
+    """`params` with the dense MLPs read back from the bundles as device arrays, one layer at a time (a flash
+    checkpoint loaded without offload)."""
+    import jax.numpy as jnp
+
     d = config.d_model
     out = dict(params)
+    names = ["gate", "up"] if bundles.gated else ["up"]
     for i in range(config.num_layers):
         records = read_layer(version, bundles, i)
-        names = ["gate", "up"] if bundles.gated else ["up"]
-        mlp = {n: {"weight": np.ascontiguousarray(records[:, k * d : (k + 1) * d].T)} for k, n in enumerate(names)}
-        mlp["down"] = {"weight": np.ascontiguousarray(records[:, len(names) * d : (len(names) + 1) * d])}
+        mlp = {n: {"weight": jnp.asarray(records[:, k * d : (k + 1) * d].T)} for k, n in enumerate(names)}
+        mlp["down"] = {"weight": jnp.asarray(records[:, len(names) * d : (len(names) + 1) * d])}
         out[f"layer_{i}"] = {**params[f"layer_{i}"], "mlp": mlp}
     return out
 
@@ -292,6 +295,8 @@ class _Buffer:
 class _Reader:
     """Reads runs of consecutive records of the layer files into buffers, several in flight."""
 
+    BUFFERED = "buffered, pages dropped after each read (posix_fadvise)"
+
     def __init__(self, version: Path, bundles: Bundles, threads: int):
         self.bundles, self.pool = bundles, ThreadPoolExecutor(threads, thread_name_prefix="jaxdecode-flash")
         self.threads, self.direct = threads, hasattr(os, "O_DIRECT")
@@ -311,7 +316,7 @@ class _Reader:
 
     @property
     def mode(self) -> str:
-        return "O_DIRECT" if self.direct else "buffered, pages dropped after each read (posix_fadvise)"
+        return "O_DIRECT" if self.direct else self.BUFFERED
 
     def _read(self, layer: int, jobs: list[tuple[int, list[memoryview]]]) -> None:
         fd = self.fds[layer]

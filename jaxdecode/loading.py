@@ -24,8 +24,7 @@ from .io.gguf import load_gguf, open_model
 from .io.hf import load_hf, read_hf_config
 from .io.sources import resolve_source
 from .quantize import check_choice as check_quant_choice
-from .quantize import is_quantized, quantize_params
-from .quantize import param_bytes as quantize_param_bytes
+from .quantize import is_quantized, param_bytes, quantize_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -138,17 +137,18 @@ def _load_flash(path: Path, dtype: str, backend: str, mesh: jax.sharding.Mesh | 
         raise ValueError(f"{path} is a float32 flash checkpoint: load it with dtype='float32'")
     if offload is not None and mesh is not None:
         raise ValueError("offload runs on one host device: load without a mesh")
-    config, params, tokenizer = checkpoint.load(path)  # every file checked against the manifest first
+    # Restored straight into device arrays (every file checked against the manifest first): a host copy
+    # next to them would double the resident part.
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    on_device = None if mesh is not None else (lambda _, abstract: jax.tree.map(lambda _: cpu, abstract))
+    config, params, tokenizer = checkpoint.load(path, on_device)
     version = checkpoint.version_dir(path)
     bundles = flash.read_bundles(version, config)
     if offload is None:
         model = Model(config, flash.resident_mlps(version, config, bundles, params), tokenizer, str(path), backend)
-        return (
-            shard(model, mesh) if mesh is not None else replace(model, params=jax.tree.map(jnp.asarray, model.params))
-        )
-    store = flash.FlashStore(version, config, bundles, offload, quantize_param_bytes(params))
-    params = store.host_mlps(jax.tree.map(jnp.asarray, params))
-    return Model(config, params, tokenizer, str(path), backend, offload=store)
+        return shard(model, mesh) if mesh is not None else model
+    store = flash.FlashStore(version, config, bundles, offload, param_bytes(params))
+    return Model(config, store.host_mlps(params), tokenizer, str(path), backend, offload=store)
 
 
 def save(model: Model, directory: str | os.PathLike[str], flash: bool = False) -> Path:

@@ -182,3 +182,24 @@ def test_cli_refuses_flash_with_quantization_and_predictors_for_a_plain_checkpoi
     assert "--flash writes float32 bundles" in capsys.readouterr().err
     assert main(["train-predictors", str(plain), "--text-file", str(text)]) == 2
     assert "not a flash checkpoint" in capsys.readouterr().err
+
+
+def test_smollm2_flash_checkpoint_at_the_issues_budget(tmp_path, capsys):
+    """SmolLM2-135M float32 converted with `convert --flash`, run in 380 MB of weights (219.6 MB resident,
+    the rest a cache of about half the FFN): every neuron computed (fraction 1, the oracle's machinery),
+    the greedy tokens are the resident model's, and the cache really is half: decoding reads storage."""
+    directory = tmp_path / "smollm2-flash"
+    assert main(["convert", "smollm2-135m", str(directory), "--flash"]) == 0
+    capsys.readouterr()
+    resident = jd.load("smollm2-135m")
+    expected = jd.generate(resident, "The capital of France is", max_new_tokens=12)
+    del resident
+    offloaded = jd.load(directory, offload=jd.Offload(380, predictor="oracle", fraction=1.0))
+    result = jd.generate(offloaded, "The capital of France is", max_new_tokens=12)
+    assert result.tokens == expected.tokens and result.text[0].startswith(" Paris.")
+    stats = result.offload
+    assert stats["resident_mb"] == pytest.approx(219.6, abs=0.5)
+    assert 150 < stats["cache_mb"] < 161 and stats["read_mode"] in ("O_DIRECT", flash._Reader.BUFFERED)
+    assert 0.4 < stats["hit_rate"] < 0.6 and 0.4 < stats["ffn_fraction_read"] < 0.6
+    with pytest.raises(ValueError, match=r"the minimum is 22\d\.\d+ MB"):
+        jd.load(directory, offload=jd.Offload(200, predictor="oracle"))
