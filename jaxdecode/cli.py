@@ -292,6 +292,7 @@ def _generate(args: argparse.Namespace) -> None:
             "decode_tokens_per_s": out.decode_tokens_per_s,
             "compile_s": out.compile_s,
             "speculation": out.speculation,
+            "offload": out.offload,
         }
         print(json.dumps(record))
         return

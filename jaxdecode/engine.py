@@ -418,9 +418,13 @@ def start(
     draft = draft_params(model, speculative) if speculation is not None else None
     args = (model.params, tokens, lengths, keys, arrays, draft)
     executable, compile_s = compiled(model, prefill, settings, args)
+    if model.offload is not None:  # its statistics count this request's prefill, then its decode steps
+        model.offload.begin()
     begin = time.perf_counter()
     state = jax.block_until_ready(executable(*args))
     prefill_s = time.perf_counter() - begin
+    if model.offload is not None:
+        model.offload.prefill_done()
     return Run(model, settings, encoded, state, arrays, int(max_new_tokens), limit, draft, compile_s, prefill_s)
 
 
@@ -432,12 +436,8 @@ def generate(
         raise ValueError(f"expert_load needs a mixture-of-experts model; {model.config.family} has no experts")
     if model.offload is not None and speculative is not None:
         raise ValueError("an offloaded model decodes plainly: speculative decoding would read each neuron per draft")
-    if model.offload is not None:
-        model.offload.begin()
     run = start(model, prompts, speculative=speculative, **request)
     loop, compile_s = compiled(model, decode_loop, run.settings, run.args, donate=(1,))
-    if model.offload is not None:
-        model.offload.prefill_done()
     begin = time.perf_counter()
     state = jax.block_until_ready(loop(*run.args))
     decode_s = time.perf_counter() - begin
