@@ -59,7 +59,8 @@ def reports(kept) -> dict[str, dict]:
         out, err = process.communicate(timeout=900)
         assert process.returncode == 0, err[-3000:]
         report = json.loads(out)
-        kind = merged.setdefault(name.strip(), {"counts": {}, "examples": {}})
+        kind = merged.setdefault(name.strip(), {"counts": {}, "examples": {}, "stalls": []})
+        kind["stalls"].extend(report["stalls"])
         for outcome, n in report["counts"].items():
             kind["counts"][outcome] = kind["counts"].get(outcome, 0) + n
             kind["examples"].setdefault(outcome, []).extend(report["examples"][outcome])
@@ -73,11 +74,14 @@ def test_fuzzed_model_files_are_refused_or_sound(kind, reports):
     blow-up, no file outside the directory, nothing structurally broken accepted."""
     report = reports[kind]
     counts = report["counts"]
-    print(f"\n{kind}: {counts}")
+    print(f"\n{kind}: {counts}, stalled once: {report['stalls']}")
     assert sum(counts.values()) == MUTANTS
     bad = {k: v for k, v in counts.items() if k not in ("refused", "ok")}
     assert not bad, json.dumps({k: report["examples"][k] for k in bad}, indent=1)
     assert counts.get("refused", 0) >= MUTANTS // 2  # the mutations do hit the checks
+    # A stall is a case over the timeout once that finished when run again (a busy machine); more than a
+    # few would be something slow in the loaders, not the machine.
+    assert len(report["stalls"]) <= 3, report["stalls"]
 
 
 def test_cli_answers_refused_mutants_with_one_line(kept, reports):
