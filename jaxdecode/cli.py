@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _add_quant_args(convert)
     convert.add_argument(
-        "--flash", action="store_true", help="MLP weights in per-neuron bundle files, for load(..., offload=...)"
+        "--flash",
+        action="store_true",
+        help="MLP weights in per-neuron bundle files (float32, or int8 with --quant int8), for load(..., offload=)",
     )
     train = sub.add_parser(
         "train-predictors", help="train a flash checkpoint's activity predictors on a text (LLM in a flash)"
@@ -221,8 +223,8 @@ def _convert(args: argparse.Namespace) -> None:
     import jaxdecode as jd
 
     jd.quantize.check_choice(args.quant, args.group_size)  # fail before the slow part
-    if args.flash and (args.quant or args.dtype != "float32"):
-        raise ValueError("--flash writes float32 bundles: leave out --quant and --dtype bfloat16")
+    if args.flash and (args.quant not in (None, "int8") or args.dtype != "float32"):
+        raise ValueError("--flash writes float32 or int8 bundles: use --dtype float32, with --quant int8 or none")
     jd.checkpoint.check_destination(Path(args.destination).absolute())
     with tqdm(total=2, desc=f"convert {args.source}", unit="step", file=sys.stderr) as bar:
         bar.set_postfix_str("reading" + (f" and quantizing ({args.quant})" if args.quant else ""))

@@ -4,10 +4,14 @@ MLP ("FFN") weights left in storage and only the neurons predicted active read, 
 Storage (`jaxdecode convert SRC DST --flash`): a normal checkpoint (`checkpoint.py`: Orbax, manifest,
 atomic versions) without the dense MLP weights, plus `flash/` inside its version:
 
-    flash/bundles.json           format, layers, d_model, ffn_dim, record_bytes, gated
+    flash/bundles.json           format, dtype, layers, d_model, ffn_dim, record_bytes, gated
     flash/layer_NNN.bin          one record per neuron i: row i of gate, row i of up, column i of down
-                                 (float32, 3 x d_model values; 2 x for an ungated MLP), padded to a
-                                 multiple of 512 bytes so that records can be read with O_DIRECT
+                                 (3 x d_model values; 2 x for an ungated MLP), padded to a multiple of
+                                 512 bytes so that records can be read with O_DIRECT. float32, or int8
+                                 (`convert --flash --quant int8`: the model's per-output-channel int8,
+                                 the gate and up rows' scales after the values, float32)
+    flash/down_scales.safetensors int8 only: each layer's down scales float32 `[d_model]` (its output
+                                 channels: shared by every neuron, resident)
     flash/predictors.safetensors written by `train_predictors` (`jaxdecode train-predictors`)
 
 Every file is covered by the checkpoint's manifest: a damaged bundle is refused at load, by name.
@@ -47,11 +51,14 @@ import numpy as np
 
 from .config import ModelConfig
 from .io.validate import ModelFileError, read_json
+from .quantize import QuantizedWeight, is_quantized
 from .weights import HostMLP
 
 FLASH = "flash"
 BUNDLES = "bundles.json"
 PREDICTORS = "predictors.safetensors"
+DOWN_SCALES = "down_scales.safetensors"
+DTYPES = ("float32", "int8")
 FORMAT = "jaxdecode-flash/1"
 ALIGN = 512  # O_DIRECT needs offsets, lengths and buffers aligned to the device's logical block (512 here)
 MAX_GAP = 2  # records read through between two runs rather than issuing a second read (measured: see README)
@@ -110,6 +117,7 @@ class Bundles:
     d_model: int
     ffn_dim: int
     gated: bool
+    dtype: str  # "float32" or "int8"
     record_bytes: int
 
     @property
@@ -120,52 +128,89 @@ class Bundles:
     def layer_bytes(self) -> int:
         return self.ffn_dim * self.record_bytes
 
+    def split(self, records: np.ndarray) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Records uint8 `[n, record_bytes]` -> ([gate, up, down] (or [up, down]) `[n, d_model]`, views of the
+        records: float32, or int8 values; and for int8 the gate and up rows' scales float32 `[n, parts - 1]`,
+        else None)."""
+        d, k = self.d_model, self.parts
+        if self.dtype == "float32":
+            values = records.view(np.float32)
+            return [values[:, j * d : (j + 1) * d] for j in range(k)], None
+        values = records[:, : k * d].view(np.int8)
+        scales = records[:, k * d : k * d + 4 * (k - 1)].view(np.float32)
+        return [values[:, j * d : (j + 1) * d] for j in range(k)], scales
+
+
+def record_bytes(config: ModelConfig, dtype: str) -> int:
+    """The padded size of one neuron's record."""
+    parts = 3 if config.mlp == "gated" else 2
+    raw = parts * config.d_model * 4 if dtype == "float32" else parts * config.d_model + (parts - 1) * 4
+    return math.ceil(raw / ALIGN) * ALIGN
+
 
 def is_flash(version: Path) -> bool:
     return (version / FLASH).is_dir()
 
 
 def check_convertible(config: ModelConfig) -> None:
-    """A config whose every MLP can be bundled: dense, without biases."""
+    """A config whose every MLP can be bundled: dense, without biases (`write_bundles` needs it)."""
     if config.num_experts:
         raise ValueError("--flash needs dense MLPs; a mixture of experts keeps its experts resident")
     if config.mlp_bias:
         raise ValueError("--flash supports MLPs without biases")
 
 
-def _record_floats(config: ModelConfig) -> int:
-    return (3 if config.mlp == "gated" else 2) * config.d_model
-
-
-def mlp_params(params: Any) -> bool:
-    """Whether `params` still hold dense MLP weights (for `split_mlp`)."""
-    return any("mlp" in layer for name, layer in params.items() if name.startswith("layer_"))
+def _bundle_dtype(mlp: dict) -> str:
+    """float32 for float `{"weight": [in, out]}` MLPs, int8 for per-channel int8 `QuantizedWeight`s."""
+    weights = [linear["weight"] for linear in mlp.values()]
+    kinds = {w.kind if is_quantized(w) else str(w.dtype) for w in weights}
+    if kinds in ({"float32"}, {"int8"}):
+        return kinds.pop()
+    raise ValueError(
+        f"flash bundles hold float32 or int8 MLP weights, not {sorted(kinds)}: convert with --dtype float32 "
+        "and no --quant, or with --quant int8"
+    )
 
 
 def write_bundles(version: Path, config: ModelConfig, params: Any) -> Any:
-    """Write flash/ into a checkpoint version from float params in the model layout (`[in, out]`); returns
-    the params without the dense MLPs (what the Orbax part holds)."""
-    check_convertible(config)
+    """Write flash/ into a checkpoint version from host params of a `check_convertible` config: float32 MLPs
+    in the model layout (`[in, out]`) or int8 ones (`QuantizedWeight`, `[out, in]`); returns the params
+    without the dense MLPs (what the Orbax part holds)."""
+    from safetensors.numpy import save_file
+
     d, f = config.d_model, config.ffn_dim
-    record_bytes = math.ceil(_record_floats(config) * 4 / ALIGN) * ALIGN
+    names = ["gate", "up", "down"] if config.mlp == "gated" else ["up", "down"]
+    mlps = {name: value["mlp"] for name, value in params.items() if name.startswith("layer_") and "mlp" in value}
+    dtypes = {_bundle_dtype(mlp) for mlp in mlps.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"flash bundles hold one dtype for every layer; these MLPs are {sorted(dtypes)}")
+    dtype = dtypes.pop()
+    size = record_bytes(config, dtype)
     (version / FLASH).mkdir()
-    rest = {}
-    for name, value in params.items():
-        if not name.startswith("layer_") or "mlp" not in value:
-            rest[name] = value
-            continue
-        mlp = value["mlp"]
-        records = np.zeros((f, record_bytes // 4), np.float32)
-        parts = [mlp["gate"]["weight"], mlp["up"]["weight"]] if config.mlp == "gated" else [mlp["up"]["weight"]]
-        for k, part in enumerate(parts):  # gate / up [d, f]: row i of the [f, d] matrix is neuron i
-            records[:, k * d : (k + 1) * d] = np.asarray(part, np.float32).T
-        records[:, len(parts) * d : (len(parts) + 1) * d] = np.asarray(mlp["down"]["weight"], np.float32)  # [f, d]
+    down_scales = {}
+    for name, mlp in mlps.items():
+        records = np.zeros((f, size), np.uint8)
+        if dtype == "float32":  # gate / up [d, f]: row i of the [f, d] matrix is neuron i; down [f, d]
+            rows = [np.asarray(mlp[n]["weight"], np.float32).T for n in names[:-1]]
+            values = np.concatenate([*rows, np.asarray(mlp["down"]["weight"], np.float32)], axis=1)
+            records[:, : values.nbytes // f] = values.view(np.uint8)
+        else:  # gate / up [f, d] with scales [f, 1]; down [d, f] with scales [d, 1]: column i is neuron i
+            gate_up, down = [mlp[n]["weight"] for n in names[:-1]], mlp["down"]["weight"]
+            values = np.concatenate([*(w.values for w in gate_up), down.values.T], axis=1)
+            scales = np.concatenate([w.scales for w in gate_up], axis=1).astype(np.float32)
+            records[:, : values.shape[1]] = values.view(np.uint8)
+            records[:, values.shape[1] : values.shape[1] + scales.nbytes // f] = scales.view(np.uint8)
+            down_scales[name] = np.ascontiguousarray(down.scales[:, 0], np.float32)
         (version / FLASH / f"{name}.bin").write_bytes(records.tobytes())
-        rest[name] = {k: v for k, v in value.items() if k != "mlp"}
+    if down_scales:
+        save_file(down_scales, str(version / FLASH / DOWN_SCALES))
     meta = {"format": FORMAT, "layers": config.num_layers, "d_model": d, "ffn_dim": f}
-    meta |= {"gated": config.mlp == "gated", "record_bytes": record_bytes, "dtype": "float32"}
+    meta |= {"gated": config.mlp == "gated", "record_bytes": size, "dtype": dtype}
     (version / FLASH / BUNDLES).write_text(json.dumps(meta, indent=1))
-    return rest
+    return {
+        name: {k: v for k, v in value.items() if k != "mlp"} if name in mlps else value
+        for name, value in params.items()
+    }
 
 
 def read_bundles(version: Path, config: ModelConfig) -> Bundles:
@@ -173,17 +218,18 @@ def read_bundles(version: Path, config: ModelConfig) -> Bundles:
     if not path.is_file():
         raise ModelFileError(version / FLASH, f"has no {BUNDLES}; convert the model again with --flash")
     meta = read_json(path)
-    if meta.get("format") != FORMAT or meta.get("dtype") != "float32":
-        raise ModelFileError(path, f"unknown flash format {meta.get('format')!r} / dtype {meta.get('dtype')!r}")
+    dtype = meta.get("dtype")
+    if meta.get("format") != FORMAT or dtype not in DTYPES:
+        raise ModelFileError(path, f"unknown flash format {meta.get('format')!r} / dtype {dtype!r}")
     gated = config.mlp == "gated"
     expected = {"layers": config.num_layers, "d_model": config.d_model, "ffn_dim": config.ffn_dim, "gated": gated}
     for key, value in expected.items():
         if meta.get(key) != value:
             raise ModelFileError(path, f"is {meta.get(key)!r}, the config says {value!r}", key)
     record = meta.get("record_bytes")
-    if record != math.ceil(_record_floats(config) * 4 / ALIGN) * ALIGN:
+    if record != record_bytes(config, dtype):
         raise ModelFileError(path, f"is {record!r}, not the padded size of a record of this config", "record_bytes")
-    bundles = Bundles(config.num_layers, config.d_model, config.ffn_dim, gated, record)
+    bundles = Bundles(config.num_layers, config.d_model, config.ffn_dim, gated, dtype, record)
     for i in range(config.num_layers):
         file = version / FLASH / f"layer_{i}.bin"
         size = file.stat().st_size if file.is_file() else None
@@ -193,23 +239,54 @@ def read_bundles(version: Path, config: ModelConfig) -> Bundles:
 
 
 def read_layer(version: Path, bundles: Bundles, layer: int) -> np.ndarray:
-    """All records of one layer, float32 `[ffn_dim, record_bytes / 4]`."""
-    data = np.fromfile(version / FLASH / f"layer_{layer}.bin", np.float32)
-    return data.reshape(bundles.ffn_dim, bundles.record_bytes // 4)
+    """All records of one layer, uint8 `[ffn_dim, record_bytes]` (`Bundles.split` reads them)."""
+    data = np.fromfile(version / FLASH / f"layer_{layer}.bin", np.uint8)
+    return data.reshape(bundles.ffn_dim, bundles.record_bytes)
+
+
+def read_down_scales(version: Path, bundles: Bundles) -> list[np.ndarray]:
+    """int8 bundles: each layer's down scales float32 `[d_model]` (float32 bundles: [])."""
+    from safetensors import SafetensorError, safe_open
+
+    if bundles.dtype == "float32":
+        return []
+    path = version / FLASH / DOWN_SCALES
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            scales = [f.get_tensor(f"layer_{i}") for i in range(bundles.layers)]
+    except (SafetensorError, OSError) as e:
+        raise ModelFileError(path, f"cannot be read ({e}); convert the model again with --flash --quant int8") from e
+    for i, s in enumerate(scales):
+        if s.shape != (bundles.d_model,) or s.dtype != np.float32:
+            raise ModelFileError(
+                path, f"is {s.dtype}{list(s.shape)}, expected float32[{bundles.d_model}]", f"layer_{i}"
+            )
+    return scales
+
+
+def _int8(values: np.ndarray, scales: np.ndarray) -> QuantizedWeight:
+    import jax.numpy as jnp
+
+    values = np.ascontiguousarray(values)
+    return QuantizedWeight(jnp.asarray(values), jnp.asarray(scales.reshape(-1, 1)), None, "int8", values.shape)
 
 
 def resident_mlps(version: Path, config: ModelConfig, bundles: Bundles, params: Any) -> Any:
-    """`params` with the dense MLPs read back from the bundles as device arrays, one layer at a time (a flash
-    checkpoint loaded without offload)."""
+    """`params` with the dense MLPs read back from the bundles as device arrays (float32 `{"weight"}` or
+    int8 `QuantizedWeight`s, as converted), one layer at a time (a flash checkpoint loaded without offload)."""
     import jax.numpy as jnp
 
-    d = config.d_model
     out = dict(params)
     names = ["gate", "up"] if bundles.gated else ["up"]
+    down_scales = read_down_scales(version, bundles)
     for i in range(config.num_layers):
-        records = read_layer(version, bundles, i)
-        mlp = {n: {"weight": jnp.asarray(records[:, k * d : (k + 1) * d].T)} for k, n in enumerate(names)}
-        mlp["down"] = {"weight": jnp.asarray(records[:, len(names) * d : (len(names) + 1) * d])}
+        parts, scales = bundles.split(read_layer(version, bundles, i))
+        if scales is None:
+            mlp = {n: {"weight": jnp.asarray(parts[k].T)} for k, n in enumerate(names)}
+            mlp["down"] = {"weight": jnp.asarray(parts[-1])}
+        else:  # gate / up [f, d] with their rows' scales, down [d, f] with its output channels'
+            mlp = {n: {"weight": _int8(parts[k], scales[:, k])} for k, n in enumerate(names)}
+            mlp["down"] = {"weight": _int8(parts[-1].T, down_scales[i])}
         out[f"layer_{i}"] = {**params[f"layer_{i}"], "mlp": mlp}
     return out
 
@@ -285,7 +362,7 @@ class _Buffer:
     def __init__(self, rows: int, record_bytes: int):
         self.record_bytes = record_bytes
         self.memory = mmap.mmap(-1, max(rows, 1) * record_bytes)
-        self.rows = np.frombuffer(self.memory, np.float32).reshape(max(rows, 1), record_bytes // 4)
+        self.rows = np.frombuffer(self.memory, np.uint8).reshape(max(rows, 1), record_bytes)
         self.view = memoryview(self.memory)
 
     def span(self, first: int, count: int) -> memoryview:
@@ -435,13 +512,14 @@ class _Layer:
         self.used += fits
         held = needed[self.slot_of[needed] >= 0]
         self.last_used[self.slot_of[held]] = self.step
-        out = store.compute(self.cache.rows[self.slot_of[held]], rows, None if active is None else active[:, held])
+        mask = None if active is None else active[:, held]
+        out = store.compute(self.layer, self.cache.rows[self.slot_of[held]], rows, mask)
         overflow = missing[fits:]  # a set larger than the cache: read piecewise into scratch, used, dropped
         for first in range(0, overflow.size, store.scratch.rows.shape[0]):
             piece = overflow[first : first + store.scratch.rows.shape[0]]
             store.reader.read(self.layer, piece, store.scratch, 0)
             mask = None if active is None else active[:, piece]
-            out += store.compute(store.scratch.rows[: piece.size], rows, mask)
+            out += store.compute(self.layer, store.scratch.rows[: piece.size], rows, mask)
         counts = store.counts[store.phase]
         counts.calls += 1
         counts.tokens += rows.shape[0] if self.layer == 0 else 0
@@ -475,17 +553,17 @@ class _WholeLayers:
         start = time.perf_counter()
         hit = layer < self.kept
         if self.maps:
-            records = np.frombuffer(self.maps[layer], np.float32).reshape(b.ffn_dim, b.record_bytes // 4)
-            out = store.compute(records, rows, None)
+            records = np.frombuffer(self.maps[layer], np.uint8).reshape(b.ffn_dim, b.record_bytes)
+            out = store.compute(layer, records, rows, None)
             if not hit:  # out of the budget: drop its pages, so the next use reads storage again
                 self.maps[layer].madvise(mmap.MADV_DONTNEED)
                 _drop_cached_pages(store.reader.files[layer])
                 store.reader.bytes += b.layer_bytes
         elif hit:
-            out = store.compute(self.resident[layer], rows, None)
+            out = store.compute(layer, self.resident[layer], rows, None)
         else:
             store.reader.read(layer, self.everything, self.scratch, 0)
-            out = store.compute(self.scratch.rows, rows, None)
+            out = store.compute(layer, self.scratch.rows, rows, None)
         counts = store.counts[store.phase]
         counts.calls += 1
         counts.tokens += rows.shape[0] if layer == 0 else 0
@@ -507,14 +585,16 @@ class FlashStore:
             self.predictors, trained_fraction = read_predictors(version, config)
         self.fraction = offload.fraction or trained_fraction
         predictor_bytes = sum(a.nbytes for p in self.predictors for a in p.values())
-        self.resident_bytes = resident_bytes + predictor_bytes
+        self.down_scales = read_down_scales(version, bundles)
+        self.resident_bytes = resident_bytes + predictor_bytes + sum(s.nbytes for s in self.down_scales)
         budget = int(offload.memory_budget_mb * 1e6)
         d, b = config.d_model, bundles
         self.oracle = []  # per layer [d, F] (up) or [d, 2F] (gate | up) (oracle only: outside the budget)
         if offload.predictor == "oracle" and offload.reads == "neurons" and self.fraction < 1:
-            inputs = (b.parts - 1) * d
             for i in range(config.num_layers):
-                self.oracle.append(np.ascontiguousarray(read_layer(version, b, i)[:, :inputs].reshape(-1, d).T))
+                parts, scales = b.split(read_layer(version, b, i))
+                inputs = [p * (1 if scales is None else scales[:, j : j + 1]) for j, p in enumerate(parts[:-1])]
+                self.oracle.append(np.stack(inputs, axis=1, dtype=np.float32).reshape(-1, d).T.copy())
         if offload.reads == "neurons":
             scratch_rows = min(SCRATCH_NEURONS, b.ffn_dim)
             scratch = scratch_rows * b.record_bytes
@@ -569,17 +649,20 @@ class FlashStore:
         np.put_along_axis(active, top, True, axis=1)
         return active
 
-    def compute(self, records: np.ndarray, rows: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        """rows `[N, d]` through the neurons `records` `[n, record]` -> `[N, d]`; `mask` `[N, n]`: rows x neurons."""
-        d = self.bundles.d_model
-        if self.bundles.gated:
-            hidden = self.act(rows @ records[:, :d].T) * (rows @ records[:, d : 2 * d].T)
-            down = records[:, 2 * d : 3 * d]
-        else:
-            hidden, down = self.act(rows @ records[:, :d].T), records[:, d : 2 * d]
+    def compute(self, layer: int, records: np.ndarray, rows: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """float32 rows `[N, d]` through `layer`'s neurons `records` uint8 `[n, record_bytes]` -> float32 `[N, d]`;
+        `mask` bool `[N, n]`: rows x neurons. int8 records are widened to float32 here, the scales applied to
+        the products (per neuron to gate and up, per output channel to down's)."""
+        parts, scales = self.bundles.split(records)
+        parts = [np.asarray(p, np.float32) for p in parts]
+        inputs = [rows @ p.T for p in parts[:-1]]
+        if scales is not None:
+            inputs = [h * scales[:, j] for j, h in enumerate(inputs)]
+        hidden = self.act(inputs[0]) * inputs[1] if self.bundles.gated else self.act(inputs[0])
         if mask is not None:
             hidden = hidden * mask
-        return hidden @ down
+        out = hidden @ parts[-1]
+        return out if scales is None else out * self.down_scales[layer]
 
     def begin(self) -> None:
         """Start counting for a generation: its prefill, until `prefill_done`, then its decode steps."""

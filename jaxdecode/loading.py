@@ -154,10 +154,11 @@ def _load_flash(path: Path, dtype: str, backend: str, mesh: jax.sharding.Mesh | 
 def save(model: Model, directory: str | os.PathLike[str], flash: bool = False) -> Path:
     """Save `model` (config, tokenizer, float or quantized params) as an Orbax checkpoint in `directory`;
     `load(directory)` restores it bit for bit. An existing checkpoint there is replaced only once the
-    new one is complete. See `jaxdecode/checkpoint.py`. `flash=True`: a float32 model's dense MLPs go
-    into per-layer bundle files, for `load(directory, offload=Offload(...))` (`jaxdecode/flash.py`)."""
-    if flash and (is_quantized(model.params["embed"]) or jnp.dtype(model.params["embed"].dtype) != jnp.float32):
-        raise ValueError("flash checkpoints hold float32 weights: convert with --dtype float32 and without --quant")
+    new one is complete. See `jaxdecode/checkpoint.py`. `flash=True`: a float32 model's dense MLPs (float32,
+    or int8 when loaded with quant="int8") go into per-layer bundle files, for
+    `load(directory, offload=Offload(...))` (`jaxdecode/flash.py`)."""
+    if flash and jnp.dtype(model.params["embed"].dtype) != jnp.float32:
+        raise ValueError("flash checkpoints run in float32: convert with --dtype float32 (and --quant int8 or none)")
     if model.offload is not None:
         raise ValueError(
             "an offloaded model's MLPs are in its flash checkpoint already; load it without offload to save it"

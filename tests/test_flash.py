@@ -172,14 +172,59 @@ def test_bad_budgets_sources_and_damaged_bundles_are_refused(tiny_flash, tmp_pat
         jd.save(offloaded, tmp_path / "again")
 
 
+def _int8_tiny() -> jd.Model:
+    """The tiny model with the library's int8 weights (per output channel)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdecode import quantize
+    from jaxdecode.weights import to_model_layout
+
+    host = to_model_layout(jax.tree.map(np.asarray, tiny_model().params))  # the loaders' [out, in]
+    params = jax.tree.map(jnp.asarray, to_model_layout(quantize.quantize_params(host, "int8")))
+    return jd.Model(TINY, params, None, "tiny-int8")
+
+
+def test_int8_bundles_compute_the_int8_model(tmp_path):
+    """`--flash --quant int8`: records of int8 values with their rows' scales (down's per-output scales
+    beside, resident) load whole as the same QuantizedWeights, and offloaded (cache of about half, window
+    eviction and scratch overflow; naive; mmap) give the int8 model's tokens and logits."""
+    model = _int8_tiny()
+    directory = tmp_path / "int8"
+    jd.save(model, directory, flash=True)
+    version = jd.checkpoint.version_dir(directory)
+    bundles = flash.read_bundles(version, TINY)
+    assert (bundles.dtype, bundles.record_bytes) == ("int8", 512)  # 3 x 32 int8 + 2 float32 scales, padded
+    whole = jd.load(directory)
+    for i in range(TINY.num_layers):
+        for name in ("gate", "up", "down"):
+            saved, loaded = (m.params[f"layer_{i}"]["mlp"][name]["weight"] for m in (model, whole))
+            assert (loaded.kind, loaded.shape) == ("int8", saved.shape)
+            np.testing.assert_array_equal(np.asarray(loaded.values), np.asarray(saved.values))
+            np.testing.assert_array_equal(np.asarray(loaded.scales), np.asarray(saved.scales))
+    expected = jd.generate(model, PROMPTS * 2, max_new_tokens=16)
+    logits = np.asarray(jd.forward(model, np.asarray(PROMPTS)))
+    half = RESIDENT_MB / 3 + LAYER_MB + 0.026  # int8 embeddings and attention: about a third of float32's
+    for offload in (
+        jd.Offload(half, predictor="oracle", fraction=1.0, window=2),
+        jd.Offload(half, reads="matrices"),
+        jd.Offload(half - LAYER_MB, reads="mmap"),
+    ):
+        offloaded = jd.load(directory, offload=offload)
+        result = jd.generate(offloaded, PROMPTS * 2, max_new_tokens=16)
+        assert result.tokens == expected.tokens, offload
+        assert result.offload["bytes_read_per_token"] > 0 and result.offload["hit_rate"] < 1, offload
+        np.testing.assert_allclose(np.asarray(jd.forward(offloaded, np.asarray(PROMPTS))), logits, rtol=2e-5, atol=2e-4)
+
+
 def test_cli_refuses_flash_with_quantization_and_predictors_for_a_plain_checkpoint(tiny_flash, tmp_path, capsys):
     model, _ = tiny_flash
     plain = tmp_path / "plain"
     jd.save(model, plain)
     text = tmp_path / "text.txt"
     text.write_text("some text")
-    assert main(["convert", "smollm2-135m", str(tmp_path / "out"), "--flash", "--quant", "int8"]) == 2
-    assert "--flash writes float32 bundles" in capsys.readouterr().err
+    assert main(["convert", "smollm2-135m", str(tmp_path / "out"), "--flash", "--quant", "int4"]) == 2
+    assert "--flash writes float32 or int8 bundles" in capsys.readouterr().err
     assert main(["train-predictors", str(plain), "--text-file", str(text)]) == 2
     assert "not a flash checkpoint" in capsys.readouterr().err
 
