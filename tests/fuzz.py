@@ -103,17 +103,14 @@ def _ours(error: BaseException) -> bool:
     return isinstance(error, validate.ModelFileError) and bool(error.path)
 
 
-STALLED = "stalled once: "  # the detail's prefix for a case that finished only when run again
-
-
-def _classify(run, names_outside: bool) -> tuple[str, str]:
-    """Run one case; (outcome, detail). A case over the timeout runs once more under three times it: a
-    hang is what does not finish twice; one that then finishes has its detail marked STALLED."""
+def _classify(run, names_outside: bool) -> tuple[str, str, bool]:
+    """Run one case; (outcome, detail, stalled). A case over the timeout runs once more under three times
+    it: a hang is what does not finish twice; one that then finishes is `stalled`."""
     outcome, detail = _classify_once(run, names_outside, CASE_TIMEOUT_S)
     if outcome != "hang":
-        return outcome, detail
+        return outcome, detail, False
     outcome, detail = _classify_once(run, names_outside, 3 * CASE_TIMEOUT_S)
-    return outcome, detail if outcome == "hang" else STALLED + detail
+    return outcome, detail, outcome != "hang"
 
 
 def _classify_once(run, names_outside: bool, limit: float) -> tuple[str, str]:
@@ -868,9 +865,9 @@ def main() -> None:
         work = Path(tmp)
         _limit_address_space()
         fuzz = {"gguf": _fuzz_gguf, "hf": _fuzz_hf, "checkpoint": _fuzz_checkpoint}[args.kind]
-        for description, (outcome, detail), path in fuzz(args.count, rng, work, lambda i: i % parts == part):
+        for description, (outcome, detail, stalled), path in fuzz(args.count, rng, work, lambda i: i % parts == part):
             counts[outcome] += 1
-            if detail.startswith(STALLED):
+            if stalled:
                 stalls.append([description, outcome])
             if len(examples[outcome]) < (40 if outcome not in ("refused", "ok") else 8):
                 examples[outcome].append([description, detail])

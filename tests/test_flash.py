@@ -10,7 +10,7 @@ import jaxdecode as jd
 from jaxdecode import flash, predictors
 from jaxdecode.cli import main
 
-from tiny import TINY, tiny_model
+from tiny import TINY, quantized, tiny_model
 
 PROMPTS = [[5, 17, 33, 2, 9]]
 # The tiny model's FFN: 2 layers x 48 neurons x 512-byte records = 48 KB (24.6 KB a layer); resident part
@@ -172,24 +172,11 @@ def test_bad_budgets_sources_and_damaged_bundles_are_refused(tiny_flash, tmp_pat
         jd.save(offloaded, tmp_path / "again")
 
 
-def _int8_tiny() -> jd.Model:
-    """The tiny model with the library's int8 weights (per output channel)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxdecode import quantize
-    from jaxdecode.weights import to_model_layout
-
-    host = to_model_layout(jax.tree.map(np.asarray, tiny_model().params))  # the loaders' [out, in]
-    params = jax.tree.map(jnp.asarray, to_model_layout(quantize.quantize_params(host, "int8")))
-    return jd.Model(TINY, params, None, "tiny-int8")
-
-
 def test_int8_bundles_compute_the_int8_model(tmp_path):
     """`--flash --quant int8`: records of int8 values with their rows' scales (down's per-output scales
     beside, resident) load whole as the same QuantizedWeights, and offloaded (cache of about half, window
     eviction and scratch overflow; naive; mmap) give the int8 model's tokens and logits."""
-    model = _int8_tiny()
+    model = quantized(tiny_model(), "int8")
     directory = tmp_path / "int8"
     jd.save(model, directory, flash=True)
     version = jd.checkpoint.version_dir(directory)

@@ -20,9 +20,8 @@ import jaxdecode as jd
 from jaxdecode import checkpoint, quantize
 from jaxdecode.io.gguf import GGUFFile
 from jaxdecode.io.sources import embedded_model_path
-from jaxdecode.weights import to_model_layout
 
-from tiny import TINY, tiny_model
+from tiny import TINY, quantized, tiny_model
 
 RNG = np.random.default_rng(0)
 
@@ -180,13 +179,6 @@ def test_wide_quantized_matvec_matches_float64():
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=name)
 
 
-def _host_quantized(model: jd.Model, quant: str, group_size: int = 32) -> jd.Model:
-    """The tiny model with its weights quantized (loaders' `[out, in]` layout in, model layout out)."""
-    host = to_model_layout(jax.tree.map(np.asarray, model.params))
-    params = to_model_layout(quantize.quantize_params(host, quant, group_size))
-    return jd.Model(model.config, jax.tree.map(jnp.asarray, params), None, f"tiny-{quant}")
-
-
 def _dequantized_float_model(model: jd.Model) -> jd.Model:
     """The same model with every quantized weight replaced by its float32 dequantization (model layout)."""
 
@@ -202,7 +194,7 @@ def _dequantized_float_model(model: jd.Model) -> jd.Model:
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_model_equals_float_model_on_dequantized_weights(quant):
-    q = _host_quantized(tiny_model(), quant)
+    q = quantized(tiny_model(), quant)
     reference = _dequantized_float_model(q)
     tokens = np.asarray([[5, 17, 33, 2, 9, 40, 3, 61]] * 2)
     ref = np.asarray(jd.forward(reference, tokens))
@@ -263,7 +255,7 @@ def _same_params(a, b) -> bool:
 
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 def test_checkpoint_round_trip_bit_exact(tmp_path, quant):
-    model = tiny_model() if quant is None else _host_quantized(tiny_model(), quant)
+    model = tiny_model() if quant is None else quantized(tiny_model(), quant)
     jd.save(model, tmp_path / "ck")
     restored = jd.load(tmp_path / "ck")
     assert restored.config == model.config
@@ -294,13 +286,13 @@ def test_checkpoint_restored_onto_a_mesh(tmp_path):
     tokens = [[5, 17, 33], [40, 3]]
     expected = jd.generate(model, tokens, max_new_tokens=5).tokens
     assert jd.generate(sharded, tokens, max_new_tokens=5).tokens == expected
-    quantized = _host_quantized(model, "int8")
-    jd.save(quantized, tmp_path / "q")
+    int8_model = quantized(model, "int8")
+    jd.save(int8_model, tmp_path / "q")
     on_data_mesh = jd.load(tmp_path / "q", mesh=jd.make_mesh(data=8))
     assert len(on_data_mesh.params["embed"].values.addressable_shards) == 8
     assert (
         jd.generate(on_data_mesh, tokens, max_new_tokens=5).tokens
-        == jd.generate(quantized, tokens, max_new_tokens=5).tokens
+        == jd.generate(int8_model, tokens, max_new_tokens=5).tokens
     )
     # Quantized and tensor parallel: int8 is read straight onto the shards (its layout is the saved one;
     # a 4-bit checkpoint is re-packed shard by shard on the way: test_parallel.py).
@@ -309,7 +301,7 @@ def test_checkpoint_restored_onto_a_mesh(tmp_path):
     assert values.sharding.spec == jax.sharding.PartitionSpec("model", None)
     assert (
         jd.generate(on_model_mesh, tokens, max_new_tokens=5).tokens
-        == jd.generate(quantized, tokens, max_new_tokens=5).tokens
+        == jd.generate(int8_model, tokens, max_new_tokens=5).tokens
     )
 
 

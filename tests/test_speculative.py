@@ -15,7 +15,7 @@ import pytest
 import jaxdecode as jd
 from jaxdecode import bench, speculative, targets
 
-from tiny import TINY, tiny_model
+from tiny import TINY, quantized, tiny_model
 
 # chi-square critical values at p = 0.001 by degrees of freedom (a wrong rule fails by far more)
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59}
@@ -207,15 +207,7 @@ def test_int8_self_draft_keeps_the_models_tokens():
     sharded = jd.shard(model, jd.make_mesh(data=2, model=2))
     assert jd.generate(sharded, prompts, max_new_tokens=10, stop_ids=(), speculative=spec).tokens == plain
     with pytest.raises(ValueError, match="quantized already"):
-        jd.generate(jd.Model(TINY, _int8(model), None), prompts, max_new_tokens=4, speculative=spec)
-
-
-def _int8(model):
-    from jaxdecode.quantize import quantize_params
-    from jaxdecode.weights import to_model_layout
-
-    host = to_model_layout(jax.tree.map(np.asarray, model.params))
-    return jax.tree.map(jnp.asarray, to_model_layout(quantize_params(host, "int8")))
+        jd.generate(jd.Model(TINY, quantized(model, "int8").params, None), prompts, max_new_tokens=4, speculative=spec)
 
 
 @pytest.mark.slow  # the draft path stays in the default set through tiny models (the distribution test below)

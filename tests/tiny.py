@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 import jaxdecode as jd
 
@@ -24,6 +26,17 @@ def tiny_model(seed: int = 0, config: jd.ModelConfig = TINY) -> jd.Model:
     params = jd.init_params(config, jax.random.key(seed))
     params = jax.tree.map(lambda p: p * 40.0 if p.ndim == 2 else p, params)
     return jd.Model(config=config, params=params, tokenizer=None, source="tiny")
+
+
+def quantized(model: jd.Model, quant: str, group_size: int = 32) -> jd.Model:
+    """The model with its weights quantized by `quantize_params` (loaders' `[out, in]` layout in, model
+    layout out)."""
+    from jaxdecode.quantize import quantize_params
+    from jaxdecode.weights import to_model_layout
+
+    host = to_model_layout(jax.tree.map(np.asarray, model.params))
+    params = to_model_layout(quantize_params(host, quant, group_size))
+    return jd.Model(model.config, jax.tree.map(jnp.asarray, params), None, f"{model.source}-{quant}")
 
 
 # Prompts of different lengths for the mesh tests (also used by the 2-process worker).
