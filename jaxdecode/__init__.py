@@ -6,6 +6,10 @@ out = jd.generate(model, "The capital of France is", max_new_tokens=16)
 print(out.text[0])
 """
 
+from . import cpu
+
+cpu.apply_tuning()  # before JAX creates its CPU backend: XLA reads XLA_FLAGS then (cpu.py)
+
 from . import checkpoint, quantize
 from .api import (
     GenerationResult,

@@ -1,6 +1,7 @@
 """`jaxdecode doctor`: the first command to run on a new TPU VM, GPU box or Colab runtime.
 
-It prints the versions (JAX, jaxlib, libtpu, the CUDA plugin) and the devices, which attention backend
+It prints the versions (JAX, jaxlib, libtpu, the CUDA plugin), the host CPU and the XLA CPU flags chosen
+for it (`cpu.py`), the devices, which attention backend
 `auto` picks for each program on this platform, and runs every kernel that exists here against the XLA
 path on the device at hand: the largest difference, the time per call and the K/V bytes read per second.
 On a CPU the kernels run in Pallas interpret mode (correctness only: interpret mode is slow). A kernel
@@ -18,6 +19,8 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels.benchmark import time_call
+
+from .cpu import host_cpu, tuning_report
 
 # (label, batch, query heads, KV heads, Tq, KV length, head_dim): SmolLM2's and a Llama-3-8B-like decode,
 # Gemma 3's head_dim, a speculative verify block; and a prefill.
@@ -125,6 +128,8 @@ def report(runs: int | None = None) -> dict[str, Any]:
     return {
         "versions": {k: v for k, v in versions.items() if v is not None},
         "platform": jax.default_backend(),
+        "host_cpu": host_cpu().describe(),
+        "cpu_tuning": tuning_report(),
         "devices": [f"{d.device_kind} ({d.platform}:{d.id})" for d in devices],
         "auto": {f"head_dim {d}": auto_choice(d) for d in (64, 96, 128, 256)},
         "checks": checks,
@@ -133,6 +138,8 @@ def report(runs: int | None = None) -> dict[str, Any]:
 
 def format_report(data: dict[str, Any]) -> str:
     lines = ["versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items())]
+    lines.append(f"host CPU: {data['host_cpu']}")
+    lines.append(data["cpu_tuning"])
     lines.append(f"platform {data['platform']}: {len(data['devices'])} device(s): {', '.join(data['devices'][:8])}")
     lines += [f"attention='auto' for {k}: {v}" for k, v in data["auto"].items()]
     for c in data["checks"]:
