@@ -40,6 +40,8 @@ SUITES: dict[str, dict[str, Any]] = {
     "long": {"batch": [1], "prompt": [1024, 2048, 4096, 8000], "new_tokens": 64},
     # jaxdecode float32 with each weight format vs llama.cpp on the GGUF's Q4_1, plus bytes and perplexity
     "quant": {"batch": [1], "prompt": [128], "new_tokens": 128, "quants": [None, "int8", "int4", "native"]},
+    # Where each weight format's decode step goes (`profile.py`): XLA's profile, beside the weight-read floor
+    "profile": {"batch": [1], "prompt": [128], "new_tokens": 64, "quants": [None, "int8", "int4", "native"]},
 }
 # Speculative decoding (its own runner): plain vs speculative decode on one prefilled cache per shape.
 SPEC_SUITE = {"batch": [1, 4, 16], "context": [1024, 4096, 8000], "gamma": [1, 2, 3, 4], "budget": [256, 512]}
@@ -239,14 +241,16 @@ def _skip_reason(engine: str, batch: int) -> str | None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """The machine a figure was measured on: the CPU (model, vendor, the features that matter), memory,
+    OS and the XLA CPU flags in effect (`cpu.py`)."""
+    from .cpu import host_cpu
+
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    return (
+        f"{host_cpu().describe()}, {memory:.0f} GiB, {platform.system()} {platform.release()}, "
+        f"XLA_FLAGS={flags or '(none)'}"
+    )
 
 
 def gguf_file_type(path) -> str:
@@ -309,9 +313,19 @@ def run_suite(args: argparse.Namespace, name: str) -> list[dict]:
     return rows
 
 
+def run_profile(spec: dict, prompt: list[int], runs: int) -> dict:
+    import jaxdecode as jd
+
+    from .profile import profile_decode
+
+    model = jd.load(spec["model"], dtype=spec["dtype"], quant=spec["quant"], group_size=INT4_GROUP)
+    return profile_decode(model, prompt, spec["batch"], spec["new_tokens"], runs)
+
+
 def child(spec: dict, runs: int) -> dict:
     prompt = prompt_ids(spec["prompt"], spec["model"])
-    measured = RUNNERS[spec["engine"]](spec, prompt, runs)
+    runner = run_profile if spec["suite"] == "profile" else RUNNERS[spec["engine"]]
+    measured = runner(spec, prompt, runs)
     return {**spec, **measured, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -322,6 +336,10 @@ def _label(r: dict) -> str:
 
 
 def _line(r: dict) -> str:
+    if r["suite"] == "profile":
+        from .profile import report
+
+        return report(r)
     extra = ""
     if "perplexity" in r:
         extra = f", perplexity {r['perplexity']:.4f}, params {r['param_bytes'] / 1e6:.1f} MB"
@@ -492,7 +510,13 @@ def run(args: argparse.Namespace) -> int:
     if any(b <= 0 for b in args.budget_mb or []):
         raise ValueError("--budget-mb takes positive numbers of megabytes")
     spec, flash_suite = suites == ["spec"], suites == ["flash"]
-    if spec:
+    if "profile" in suites and suites != ["profile"]:
+        raise ValueError("the profile suite runs alone: --suite profile")
+    if suites == ["profile"]:
+        args.peers = []  # a profile of jaxdecode's own step
+        rows = run_suite(args, "profile")
+        print("\n\n".join(_line(r) for r in rows if "skipped" not in r))
+    elif spec:
         rows = run_spec(args)
         print(spec_table(rows))
     elif flash_suite:
