@@ -437,8 +437,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite",
         default="decode",
-        help=f"one of {', '.join([*SUITES, 'kernels', 'spec', 'flash'])}; several of {', '.join(SUITES)} "
-        "may be comma-separated (kernels, spec and flash run alone)",
+        help=f"one of {', '.join([*SUITES, 'kernels', 'spec', 'flash'])}; several of "
+        f"{', '.join(s for s in SUITES if s != 'profile')} may be comma-separated (the others run alone)",
     )
     p.add_argument("--peers", default="hf,llamacpp", help="comma-separated: hf, llamacpp (or 'none')")
     p.add_argument("--dtypes", default="float32", help="jaxdecode dtypes, comma-separated")
