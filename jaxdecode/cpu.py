@@ -4,8 +4,9 @@ XLA's CPU code generation is tuned per CPU, and the loops jaxdecode's quantized 
 (dequantization fused into the matrix-vector product, `quantize.py`) are sensitive to it: on Intel
 CPUs with AVX-512, XLA emits 256-bit vectors unless told otherwise (LLVM's "prefer-256-bit" for
 those cores). Measured on an Intel Xeon (2 vCPUs, AVX-512 with VNNI/BF16/FP16, AMX), SmolLM2-135M,
-batch 1, decode tok/s without -> with `--xla_cpu_prefer_vector_width=512`: float32 31.7 -> 33.5,
-int8 54.8 -> 72.1, int4 g128 45.0 -> 64.8, native Q4_1 55.3 -> 65.6 (README, "CPU speed"). AMD
+batch 1, decode tok/s without -> with `--xla_cpu_prefer_vector_width=512`: float32 33.0 -> 34.1,
+int8 53.6 -> 70.9, int4 g128 46.8 -> 60.0, native Q4_1 55.3 -> 66.1 (README, "CPU speed on Intel and
+AMD"). AMD
 EPYC machines seen here (AVX2) get no flag; an AMD CPU with AVX-512 (Zen 4) is left alone because it
 has not been measured.
 
@@ -72,9 +73,13 @@ def _flag_names(xla_flags: str) -> set[str]:
     return {item.lstrip("-").split("=", 1)[0] for item in xla_flags.split()}
 
 
+def _opted_out(environ: dict[str, str] | os._Environ) -> bool:
+    return environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def tuning_to_add(cpu: CPU, environ: dict[str, str] | os._Environ) -> dict[str, str]:
     """The tuned flags not already set by the user in `environ["XLA_FLAGS"]`; none when opted out."""
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _opted_out(environ):
         return {}
     present = _flag_names(environ.get("XLA_FLAGS", ""))
     return {name: value for name, value in tuned_flags(cpu).items() if name not in present}
@@ -97,14 +102,16 @@ def tuning_report(cpu: CPU | None = None, environ: dict[str, str] | os._Environ 
     """What the tuning chose for this CPU and what XLA_FLAGS holds now (for `doctor` and the bench)."""
     cpu = cpu or host_cpu()
     wanted = tuned_flags(cpu)
-    present = _flag_names(environ.get("XLA_FLAGS", ""))
+    tuned = " ".join(f"--{n}={v}" for n, v in wanted.items()) or "-"
+    given = environ.get("XLA_FLAGS", "").split()
     if not wanted:
         choice = "none for this CPU"
-    elif environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    elif _opted_out(environ):
         choice = f"turned off by {OPT_OUT}"
-    elif all(name in present for name in wanted):
-        choice = "in effect (or the user's own values for them)"
+    elif all(flag in given for flag in tuned.split()):
+        choice = "in effect"
+    elif all(name in _flag_names(" ".join(given)) for name in wanted):
+        choice = "the user's own values in XLA_FLAGS kept"
     else:
         choice = "not applied: JAX's backend existed before jaxdecode was imported"
-    tuned = " ".join(f"--{n}={v}" for n, v in wanted.items()) or "-"
     return f"CPU tuning {tuned}: {choice}; XLA_FLAGS={environ.get('XLA_FLAGS', '')!r}"

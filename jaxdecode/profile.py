@@ -170,7 +170,8 @@ def profile_decode(model: Any, prompt: list[int], batch: int, new_tokens: int, r
     prompts = [prompt] * batch
     generate(model, prompts, max_new_tokens=new_tokens, stop_ids=())  # compiles
     measured = [generate(model, prompts, max_new_tokens=new_tokens, stop_ids=()) for _ in range(runs)]
-    step_s = statistics.median(r.decode_s / r.decode_steps for r in measured)
+    # The loop runs decode_steps - 1 iterations: decode_steps counts the prefill's token (as generate's speed does)
+    step_s = statistics.median(r.decode_s / (r.decode_steps - 1) for r in measured)
 
     run = engine.start(model, prompts, max_new_tokens=new_tokens, stop_ids=())
     loop, _ = engine.compiled(model, decode_loop, run.settings, run.args, donate=(1,))
@@ -181,7 +182,7 @@ def profile_decode(model: Any, prompt: list[int], batch: int, new_tokens: int, r
             state = jax.block_until_ready(loop(*run.args))
             traced_s = time.perf_counter() - start
         seconds, unknown = thunk_times(trace_dir, parts)
-    steps = engine.finish(run, state).decode_steps
+    steps = engine.finish(run, state).decode_steps - 1
     per_step = {part: s / steps for part, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
     per_step[BETWEEN] = traced_s / steps - sum(per_step.values())
     weight_bytes = quantize.param_bytes(model.params)
@@ -198,7 +199,8 @@ def profile_decode(model: Any, prompt: list[int], batch: int, new_tokens: int, r
 
 def report(row: dict[str, Any]) -> str:
     """The profile of one row as text: each part in ms per step and its share, then the floor."""
-    label = f"{row['dtype']} {row['quant'] or 'float'} batch {row['batch']} prompt {row['prompt']}"
+    weights = row["dtype"] + (f" {row['quant']}" if row["quant"] else "")
+    label = f"{weights} batch {row['batch']} prompt {row['prompt']}"
     lines = [
         f"{label}: step {row['step_ms']:.2f} ms measured ({row['decode_tokens_per_s']:.1f} tok/s), "
         f"{row['traced_step_ms']:.2f} ms traced"

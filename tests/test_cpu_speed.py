@@ -45,6 +45,8 @@ def test_cpu_facts_and_the_flags_chosen_for_them():
     assert "turned off" in cpu.tuning_report(xeon, {cpu.OPT_OUT: "off"})
     assert "not applied" in cpu.tuning_report(xeon, {})
     assert "in effect" in cpu.tuning_report(xeon, {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=512"})
+    assert "user's own values" in cpu.tuning_report(xeon, {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"})
+    assert "none for this CPU" in cpu.tuning_report(epyc, {})
 
 
 def _flags_after(code: str, **env: str) -> str:
