@@ -177,7 +177,9 @@ def profile_decode(model: Any, prompt: list[int], batch: int, new_tokens: int, r
     loop, _ = engine.compiled(model, decode_loop, run.settings, run.args, donate=(1,))
     parts = instruction_parts(loop.as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # only XLA's runtime is of interest
+        with jax.profiler.trace(trace_dir, profiler_options=options):
             start = time.perf_counter()
             state = jax.block_until_ready(loop(*run.args))
             traced_s = time.perf_counter() - start
