@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .cpu import host_cpu
+
 SUITES: dict[str, dict[str, Any]] = {
     "decode": {"batch": [1], "prompt": [128, 1024], "new_tokens": 128},
     "batch": {"batch": [1, 4, 16], "prompt": [128], "new_tokens": 64},
@@ -243,8 +245,6 @@ def _skip_reason(engine: str, batch: int) -> str | None:
 def machine() -> str:
     """The machine a figure was measured on: the CPU (model, vendor, the features that matter), memory,
     OS and the XLA CPU flags in effect (`cpu.py`)."""
-    from .cpu import host_cpu
-
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     flags = os.environ.get("XLA_FLAGS", "")
     return (

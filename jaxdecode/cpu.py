@@ -20,6 +20,7 @@ already exist when jaxdecode is imported (JAX ran something first) nothing is ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 
@@ -41,14 +42,20 @@ class CPU:
         return f"{self.model}{vendor}, {self.cores} cores, {' '.join(self.features) or 'no AVX2'}"
 
 
+@functools.cache
+def _proc_cpuinfo() -> str:
+    """/proc/cpuinfo, read once per process (import, doctor and the bench all ask)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def host_cpu(cpuinfo: str | None = None) -> CPU:
     """This machine's CPU, from /proc/cpuinfo (`cpuinfo`: its text, for tests); what it lacks stays empty."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
+        cpuinfo = _proc_cpuinfo()
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
@@ -103,15 +110,15 @@ def tuning_report(cpu: CPU | None = None, environ: dict[str, str] | os._Environ 
     cpu = cpu or host_cpu()
     wanted = tuned_flags(cpu)
     tuned = " ".join(f"--{n}={v}" for n, v in wanted.items()) or "-"
-    given = environ.get("XLA_FLAGS", "").split()
+    given = environ.get("XLA_FLAGS", "")
     if not wanted:
         choice = "none for this CPU"
     elif _opted_out(environ):
         choice = f"turned off by {OPT_OUT}"
-    elif all(flag in given for flag in tuned.split()):
+    elif set(tuned.split()) <= set(given.split()):
         choice = "in effect"
-    elif all(name in _flag_names(" ".join(given)) for name in wanted):
+    elif set(wanted) <= _flag_names(given):
         choice = "the user's own values in XLA_FLAGS kept"
     else:
         choice = "not applied: JAX's backend existed before jaxdecode was imported"
-    return f"CPU tuning {tuned}: {choice}; XLA_FLAGS={environ.get('XLA_FLAGS', '')!r}"
+    return f"CPU tuning {tuned}: {choice}; XLA_FLAGS={given!r}"

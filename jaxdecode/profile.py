@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.benchmark import time_call
+
 from . import engine, quantize
 from .loop import decode_loop
 
@@ -148,14 +150,7 @@ def weight_read_floor(weight_bytes: int, d_model: int, runs: int = 30) -> dict[s
     columns = max(weight_bytes // 4 // d_model, 1)
     weight = jnp.asarray(np.random.default_rng(0).standard_normal((d_model, columns), np.float32))
     x = jnp.ones((1, d_model), jnp.float32)
-    gemv = jax.jit(lambda x, w: x @ w)
-    jax.block_until_ready(gemv(x, weight))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(gemv(x, weight))
-        times.append(time.perf_counter() - start)
-    bandwidth = weight.nbytes / statistics.median(times)
+    bandwidth = weight.nbytes / time_call(jax.jit(lambda x, w: x @ w), (x, weight), runs)
     return {"floor_gb_per_s": bandwidth / 1e9, "floor_step_ms": weight_bytes / bandwidth * 1e3}
 
 
@@ -170,8 +165,7 @@ def profile_decode(model: Any, prompt: list[int], batch: int, new_tokens: int, r
     prompts = [prompt] * batch
     generate(model, prompts, max_new_tokens=new_tokens, stop_ids=())  # compiles
     measured = [generate(model, prompts, max_new_tokens=new_tokens, stop_ids=()) for _ in range(runs)]
-    # The loop runs decode_steps - 1 iterations: decode_steps counts the prefill's token (as generate's speed does)
-    step_s = statistics.median(r.decode_s / (r.decode_steps - 1) for r in measured)
+    step_s = batch / statistics.median(r.decode_tokens_per_s for r in measured)
 
     run = engine.start(model, prompts, max_new_tokens=new_tokens, stop_ids=())
     loop, _ = engine.compiled(model, decode_loop, run.settings, run.args, donate=(1,))
@@ -184,7 +178,7 @@ def profile_decode(model: Any, prompt: list[int], batch: int, new_tokens: int, r
             state = jax.block_until_ready(loop(*run.args))
             traced_s = time.perf_counter() - start
         seconds, unknown = thunk_times(trace_dir, parts)
-    steps = engine.finish(run, state).decode_steps - 1
+    steps = engine.finish(run, state).decode_steps - 1  # decode_steps counts the prefill's token
     per_step = {part: s / steps for part, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
     per_step[BETWEEN] = traced_s / steps - sum(per_step.values())
     weight_bytes = quantize.param_bytes(model.params)
