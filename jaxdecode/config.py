@@ -22,6 +22,7 @@ FAMILIES = (
     "gemma",
     "gemma2",
     "gemma3",
+    "gemma4",
     "phi3",
     "falcon",
     "bloom",
@@ -41,9 +42,12 @@ class RopeScaling:
     - "llama3" (Llama-3.1): long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
     - "longrope" (Phi-3): per-frequency divisors, `short_factor` while a row's sequence fits in
       `original_max_position` tokens and `long_factor` beyond; cos/sin are multiplied by `attention_factor`.
+    - "proportional" (Gemma 4's full layers): only the first `rotary_fraction` of each half of the head
+      turns, at the frequencies a full-width rotation would give those pairs (exponents over the whole
+      head_dim); the remaining pairs have frequency 0 (pass through); all divided by `factor`.
     """
 
-    kind: Literal["linear", "llama3", "longrope"]
+    kind: Literal["linear", "llama3", "longrope", "proportional"]
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -51,10 +55,15 @@ class RopeScaling:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    rotary_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "llama3", "longrope"):
-            raise ValueError(f"rope_scaling kind must be linear, llama3 or longrope, got {self.kind!r}")
+        if self.kind not in ("linear", "llama3", "longrope", "proportional"):
+            raise ValueError(f"rope_scaling kind must be linear, llama3, longrope or proportional, got {self.kind!r}")
+        if isinstance(self.rotary_fraction, bool) or not (
+            isinstance(self.rotary_fraction, (int, float)) and 0 < self.rotary_fraction <= 1
+        ):
+            raise ValueError(f"rope_scaling.rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}")
         for name in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor"):
             _check_number(f"rope_scaling.{name}", getattr(self, name))
         if self.kind == "llama3" and self.low_freq_factor >= self.high_freq_factor:
@@ -106,6 +115,10 @@ _BOOLS = (
     "qk_norm",
     "sandwich_norm",
     "normalize_routing",
+    "k_eq_v",
+    "v_norm",
+    "double_wide_shared_mlp",
+    "layer_scalar",
 )
 _CHOICES = {
     "norm": ("rms", "layer"),
@@ -191,6 +204,21 @@ class ModelConfig:
     normalize_routing: bool = True
     shared_expert_dim: int = 0
     dense_layers: tuple[int, ...] = ()
+    # Gemma 4. Per-layer attention shapes (its full layers have wider heads, and with `k_eq_v` fewer KV
+    # heads): None means `head_dim` / `num_kv_heads` in every layer.
+    layer_head_dims: tuple[int, ...] | None = None
+    layer_kv_heads: tuple[int, ...] | None = None
+    # The last `kv_shared_layers` layers compute no K/V of their own: each reads the cache of the last
+    # earlier layer of its kind (sliding / full), so the cache holds only the other layers (`cache_layers`).
+    kv_shared_layers: int = 0
+    k_eq_v: bool = False  # full layers have no V projection: V is K's projection (before K's norm and RoPE)
+    v_norm: bool = False  # V normed over head_dim by an RMSNorm without a scale
+    double_wide_shared_mlp: bool = False  # the K/V-sharing layers' MLPs are twice `ffn_dim` wide
+    # Per-layer inputs: a second embedding `[per_layer_vocab, num_layers * per_layer_dim]` plus a projection
+    # of the embedding give each layer a `per_layer_dim` vector, gated into the residual after its MLP.
+    per_layer_dim: int = 0
+    per_layer_vocab: int = 0
+    layer_scalar: bool = False  # each layer's output multiplied by a learned scalar
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -255,6 +283,38 @@ class ModelConfig:
                     f"got {len(self.rope_scaling.short_factor)}"
                 )
 
+        self._check_gemma4_fields()
+
+    def _check_gemma4_fields(self) -> None:
+        for name in ("layer_head_dims", "layer_kv_heads"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if not isinstance(values, tuple) or len(values) != self.num_layers:
+                raise ValueError(f"{name} must give one value for each of the {self.num_layers} layers, got {values!r}")
+            for value in values:
+                _check_count(name, value, MAX_WIDTH)
+        for i in range(self.num_layers):
+            if self.num_heads % self.kv_heads_of(i):
+                raise ValueError(
+                    f"num_heads ({self.num_heads}) must be a multiple of layer {i}'s KV heads ({self.kv_heads_of(i)})"
+                )
+            if self.position == "rope" and self.head_dim_of(i) % 2:
+                raise ValueError(f"RoPE rotates pairs: layer {i}'s head_dim must be even, got {self.head_dim_of(i)}")
+        if isinstance(self.kv_shared_layers, bool) or not (
+            isinstance(self.kv_shared_layers, int) and 0 <= self.kv_shared_layers < self.num_layers
+        ):
+            raise ValueError(
+                f"kv_shared_layers must be an integer in 0..{self.num_layers - 1}, got {self.kv_shared_layers!r}"
+            )
+        for i in range(self.num_layers - self.kv_shared_layers, self.num_layers):
+            source = self.kv_source(i)
+            if source is None:
+                raise ValueError(f"layer {i} shares K/V, but no earlier layer of its kind computes them")
+        if self.per_layer_dim or self.per_layer_vocab:
+            _check_count("per_layer_dim", self.per_layer_dim, MAX_WIDTH)
+            _check_count("per_layer_vocab", self.per_layer_vocab, MAX_VOCAB)
+
     @property
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
@@ -273,6 +333,50 @@ class ModelConfig:
         """The attention window of `layer` (None: unlimited)."""
         return self.sliding_window if self.is_sliding(layer) else None
 
+    def head_dim_of(self, layer: int) -> int:
+        return self.head_dim if self.layer_head_dims is None else self.layer_head_dims[layer]
+
+    def kv_heads_of(self, layer: int) -> int:
+        return self.num_kv_heads if self.layer_kv_heads is None else self.layer_kv_heads[layer]
+
+    def kv_source(self, layer: int) -> int | None:
+        """The layer whose K/V `layer` attends over: itself, or for the last `kv_shared_layers` layers the
+        last earlier layer of the same kind that computes its own (None if there is none)."""
+        first_shared = self.num_layers - self.kv_shared_layers
+        if layer < first_shared:
+            return layer
+        same = [i for i in range(first_shared) if self.is_sliding(i) == self.is_sliding(layer)]
+        return same[-1] if same else None
+
+    @property
+    def cache_layers(self) -> tuple[int, ...]:
+        """The layers that own an entry of the KV cache, in order (all but the K/V-sharing ones)."""
+        return tuple(range(self.num_layers - self.kv_shared_layers))
+
+    def ffn_dim_of(self, layer: int) -> int:
+        shared = layer >= self.num_layers - self.kv_shared_layers
+        return self.ffn_dim * (2 if self.double_wide_shared_mlp and shared else 1)
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """K and V values one token adds to the cache, over all cache layers."""
+        return sum(2 * self.kv_heads_of(i) * self.head_dim_of(i) for i in self.cache_layers)
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every layer has the same attention shapes and MLP width (what model sharding and the
+        flash layout assume)."""
+        n = self.num_layers
+        return (
+            len({(self.head_dim_of(i), self.kv_heads_of(i), self.ffn_dim_of(i)) for i in range(n)}) == 1
+            and not self.kv_shared_layers
+        )
+
+    @property
+    def norm_scales_in_float32(self) -> bool:
+        """Gemma scales the normed activations in float32 and casts after; Llama casts first."""
+        return bool(self.norm_offset) or self.family == "gemma4"
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
@@ -286,10 +390,16 @@ def rope_inv_freq(config: ModelConfig, layer: int = 0) -> np.ndarray:
     """Inverse frequencies `[rotary_dim // 2]` float32 of `layer`, with its scaling applied (as HF computes
     them). Sliding layers of a config with `rope_local_theta` use that base, unscaled (Gemma 3).
     For "longrope" this is the short-factor set; `rope_long_inv_freq` gives the long one."""
-    dim = config.rotary_dim or config.head_dim
+    dim = config.rotary_dim or config.head_dim_of(layer)
     local = config.rope_local_theta is not None and config.is_sliding(layer)
-    inv_freq = _base_inv_freq(config.rope_local_theta if local else config.rope_theta, dim)
+    theta = config.rope_local_theta if local else config.rope_theta
     scaling = None if local else config.rope_scaling
+    if scaling is not None and scaling.kind == "proportional":
+        pairs = int(scaling.rotary_fraction * dim // 2)  # as HF's `_compute_proportional_rope_parameters`
+        turning = 1.0 / (theta ** (np.arange(0, 2 * pairs, 2, dtype=np.int64).astype(np.float32) / dim))
+        inv_freq = np.concatenate([turning.astype(np.float32), np.zeros(dim // 2 - pairs, np.float32)])
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    inv_freq = _base_inv_freq(theta, dim)
     if scaling is None:
         return inv_freq
     if scaling.kind == "linear":
@@ -367,6 +477,9 @@ def _rope_from_hf(hf: dict[str, Any], layer_type: str = "full_attention") -> tup
             float(spec.get("high_freq_factor", 4.0)),
             int(spec.get("original_max_position_embeddings", 8192)),
         )
+    if kind == "proportional":
+        fraction = float(spec.get("partial_rotary_factor", 1.0))
+        return theta, RopeScaling("proportional", float(spec.get("factor", 1.0)), rotary_fraction=fraction)
     if kind in ("longrope", "su"):
         original = int(
             hf.get("original_max_position_embeddings")
@@ -387,7 +500,7 @@ def _rope_from_hf(hf: dict[str, Any], layer_type: str = "full_attention") -> tup
             long_factor=tuple(float(x) for x in spec["long_factor"]),
             attention_factor=float(attention_factor),
         )
-    raise ValueError(f"unsupported RoPE scaling {kind!r}; supported: default, linear, llama3, longrope")
+    raise ValueError(f"unsupported RoPE scaling {kind!r}; supported: default, linear, llama3, longrope, proportional")
 
 
 def _layer_types(hf: dict[str, Any], default_pattern: int | None) -> tuple[str, ...] | None:
@@ -465,17 +578,19 @@ _HF_INTS = (
 _HF_OPTIONAL_INTS = (
     "num_key_value_heads head_dim n_inner ffn_hidden_size sliding_window num_kv_heads num_ln_in_parallel_attn "
     "original_max_position_embeddings sliding_window_pattern num_local_experts num_experts num_experts_per_tok "
-    "moe_intermediate_size shared_expert_intermediate_size decoder_sparse_step"
+    "moe_intermediate_size shared_expert_intermediate_size decoder_sparse_step global_head_dim "
+    "num_global_key_value_heads vocab_size_per_layer_input"
 ).split()
 _HF_NUMBERS = "rms_norm_eps layer_norm_epsilon rope_theta rope_local_base_freq query_pre_attn_scalar".split()
 _HF_OPTIONAL_NUMBERS = "attn_logit_softcapping final_logit_softcapping partial_rotary_factor".split()
 _HF_BOOLS = (
     "tie_word_embeddings attention_bias mlp_bias use_sliding_window new_decoder_architecture parallel_attn "
-    "multi_query alibi bias use_bidirectional_attention scale_attn_weights no_bias "
-    "apply_residual_connection_post_layernorm norm_topk_prob qkv_bias"
+    "multi_query alibi bias scale_attn_weights no_bias "
+    "apply_residual_connection_post_layernorm norm_topk_prob qkv_bias attention_k_eq_v use_double_wide_mlp "
+    "enable_moe_block"
 ).split()
 _HF_STRINGS = "model_type hidden_act hidden_activation activation activation_function".split()
-_HF_OBJECTS = "rope_scaling rope_parameters attn_config text_config".split()
+_HF_OBJECTS = "rope_scaling rope_parameters attn_config text_config per_layer_config".split()
 _ROPE_INTS = ("original_max_position_embeddings",)
 _ROPE_NUMBERS = "factor low_freq_factor high_freq_factor rope_theta attention_factor partial_rotary_factor".split()
 _ROPE_LISTS = ("short_factor", "long_factor")
@@ -517,6 +632,21 @@ def _check_hf_fields(hf: dict[str, Any], prefix: str = "") -> None:
             and not (isinstance(value, list) and all(isinstance(t, str) for t in value))
         ):
             fail(key, "a list of strings")
+        elif key == "use_bidirectional_attention" and not (
+            value is None or isinstance(value, bool) or value in ("all", "vision")
+        ):
+            fail(key, "true, false, 'all', 'vision' or null")
+        elif key in ("num_kv_shared_layers", "hidden_size_per_layer_input") and not (
+            value is None or (type(value) is int and 0 <= value <= MAX_WIDTH)
+        ):
+            fail(key, f"an integer in 0..{MAX_WIDTH} or null")
+        elif key == "per_layer_config" and isinstance(value, dict):
+            for inner in value.values():
+                for name, number in inner.items() if isinstance(inner, dict) else ():
+                    if not is_int(number):
+                        raise ValueError(
+                            f"field {prefix}{key}: {name} must be an integer in 1..{MAX_CONTEXT}, got {number!r}"
+                        )
         elif key == "mlp_only_layers" and not (
             value is None or (isinstance(value, list) and all(type(i) is int for i in value))
         ):
@@ -636,6 +766,8 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             attn_softcap=hf.get("attn_logit_softcapping", 50.0 if gemma2 else None),
             final_softcap=hf.get("final_logit_softcapping", 30.0 if gemma2 else None),
         )
+    if model_type in ("gemma4", "gemma4_text"):
+        return _gemma4_config(hf)
     if model_type == "qwen3":
         theta, scaling = _rope_from_hf(hf)
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
@@ -815,6 +947,82 @@ def _moe_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
     )
 
 
+_GEMMA4_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+}
+
+
+def _gemma4_config(hf: dict[str, Any]) -> ModelConfig:
+    """Gemma 4 (text; the multimodal wrapper's `text_config`): Gemma 3's block with plain-scale norms, a
+    V norm, attention scale 1, wider heads in full layers (`global_head_dim`, or transformers'
+    `per_layer_config`), V = K in full layers with `attention_k_eq_v`, K/V shared by the last layers,
+    per-layer inputs and a learned scalar per layer."""
+    if "text_config" in hf:
+        return _gemma4_config({**hf["text_config"], "model_type": "gemma4_text"})
+    if hf.get("use_bidirectional_attention") == "all":
+        raise ValueError("use_bidirectional_attention='all' is an encoder, not a decoder")
+    if hf.get("enable_moe_block"):
+        raise ValueError(
+            "Gemma 4 with enable_moe_block=true (the MoE variants, e.g. gemma-4-26B-A4B) is not supported yet; "
+            "the dense Gemma 4 models are"
+        )
+    dims = _decoder_dims(hf, max_seq_len=131072, norm_eps=1e-6, head_dim=256)
+    layer_types = _layer_types(hf, 6)
+    head_dims, kv_heads = [dims["head_dim"]] * dims["num_layers"], [dims["num_kv_heads"]] * dims["num_layers"]
+    overrides = hf.get("per_layer_config")
+    if overrides is None:  # the form Google's config.json files write
+        full = {"head_dim": hf.get("global_head_dim") or dims["head_dim"]}
+        if hf.get("attention_k_eq_v") and hf.get("num_global_key_value_heads"):
+            full["num_key_value_heads"] = hf["num_global_key_value_heads"]
+        overrides = {str(i): full for i, kind in enumerate(layer_types) if kind == "full"}
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ValueError(f"per_layer_config must be an object of layer index -> settings, got {overrides!r}")
+    for key, settings in overrides.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < dims["num_layers"]):
+            raise ValueError(f"per_layer_config names layer {key!r}; the model has {dims['num_layers']} layers")
+        unknown = sorted(set(settings) - {"head_dim", "num_key_value_heads"})
+        if unknown:
+            raise ValueError(
+                f"per_layer_config.{key} sets {unknown[0]!r}; only head_dim and num_key_value_heads are read"
+            )
+        head_dims[int(key)] = settings.get("head_dim", head_dims[int(key)])
+        kv_heads[int(key)] = settings.get("num_key_value_heads", kv_heads[int(key)])
+    if not hf.get("rope_parameters"):  # transformers' defaults for Gemma 4
+        hf = {**hf, "rope_parameters": _GEMMA4_ROPE}
+    theta, scaling = _rope_from_hf(hf, "full_attention")
+    local_theta, _ = _rope_from_hf(hf, "sliding_attention")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    per_layer_dim = hf.get("hidden_size_per_layer_input") or 0
+    return ModelConfig(
+        family="gemma4",
+        **dims,
+        activation=_hf_activation(act),
+        qkv_bias=bool(hf.get("attention_bias", False)),
+        out_bias=bool(hf.get("attention_bias", False)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_local_theta=local_theta,
+        embed_scale=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        sliding_window=hf.get("sliding_window") or 512,
+        layer_types=layer_types,
+        attn_scale=1.0,
+        qk_norm=True,
+        sandwich_norm=True,
+        final_softcap=hf.get("final_logit_softcapping"),
+        layer_head_dims=tuple(head_dims),
+        layer_kv_heads=tuple(kv_heads),
+        kv_shared_layers=hf.get("num_kv_shared_layers") or 0,
+        k_eq_v=bool(hf.get("attention_k_eq_v", False)),
+        v_norm=True,
+        double_wide_shared_mlp=bool(hf.get("use_double_wide_mlp", False)),
+        per_layer_dim=per_layer_dim,
+        per_layer_vocab=(hf.get("vocab_size_per_layer_input") or hf["vocab_size"]) if per_layer_dim else 0,
+        layer_scalar=True,
+    )
+
+
 # The `model_type` values of config.json that `config_from_hf` reads.
 HF_MODEL_TYPES = (
     "llama",
@@ -826,6 +1034,8 @@ HF_MODEL_TYPES = (
     "gemma2",
     "gemma3_text",
     "gemma3",
+    "gemma4_text",
+    "gemma4",
     "phi3",
     "falcon",
     "bloom",

@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .collectives import DATA, MODEL
+from .collectives import DATA, MODEL, Parallel, local_kv_heads
 from .config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    keys: tuple[jax.Array, ...]  # num_layers x [batch, num_kv_heads, max_len, head_dim]
+    keys: tuple[jax.Array, ...]  # per cache layer: [batch, num_kv_heads, max_len, head_dim]
     values: tuple[jax.Array, ...]  # same
     lengths: jax.Array  # int32 [batch]
 
@@ -34,14 +34,18 @@ def init_cache(
     batch_size: int,
     max_len: int,
     dtype: jnp.dtype = jnp.float32,
-    num_kv_heads: int | None = None,
+    parallel: Parallel | None = None,
 ) -> KVCache:
-    """An empty cache for `batch_size` rows of up to `max_len` tokens (`num_kv_heads`: a model shard's
-    KV heads, default all of them)."""
-    shape = (batch_size, config.num_kv_heads if num_kv_heads is None else num_kv_heads, max_len, config.head_dim)
+    """An empty cache for `batch_size` rows of up to `max_len` tokens: one entry per layer of
+    `config.cache_layers`, each of that layer's KV heads (a model shard's under `parallel`) and head_dim."""
+
+    def empty(layer: int) -> jax.Array:
+        heads = local_kv_heads(config.kv_heads_of(layer), parallel)
+        return jnp.zeros((batch_size, heads, max_len, config.head_dim_of(layer)), dtype)
+
     return KVCache(
-        keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        keys=tuple(empty(i) for i in config.cache_layers),
+        values=tuple(empty(i) for i in config.cache_layers),
         lengths=jnp.zeros((batch_size,), jnp.int32),
     )
 

@@ -182,8 +182,7 @@ def prefill_cache(
     logits at each row's last prompt token `[B, V]`, the cache with lengths = prompt_lengths)."""
     batch, steps = prompt_tokens.shape
     dtype = jnp.dtype(params["embed"].dtype)  # a quantized embedding names its float dtype
-    heads = col.local_kv_heads(config.num_kv_heads, settings.parallel)
-    cache = init_cache(config, batch, settings.cache_len, dtype, heads)
+    cache = init_cache(config, batch, settings.cache_len, dtype, settings.parallel)
     positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (batch, steps))
     logits, cache = settings.forward(
         params, config, prompt_tokens, positions, cache, prefill=True, logits_at=prompt_lengths - 1

@@ -48,19 +48,23 @@ class Linear(nn.Module):
 
 
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm, computed in float32 and cast back to the input dtype."""
+    """RMSNorm or LayerNorm, computed in float32 and cast back to the input dtype. `with_scale=False`:
+    an RMSNorm without a learned scale (Gemma 4's V norm)."""
 
     config: ModelConfig
+    with_scale: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         xf = x.astype(jnp.float32)
+        if not self.with_scale:
+            return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)).astype(x.dtype)
         scale_init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
         scale = self.param("scale", scale_init, (x.shape[-1],), x.dtype).astype(jnp.float32) + cfg.norm_offset
         if cfg.norm == "rms":
             normed = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
-            if cfg.norm_offset:  # Gemma scales in float32; Llama casts back first, then scales.
+            if cfg.norm_scales_in_float32:  # Gemma scales in float32; Llama casts back first, then scales.
                 return (normed * scale).astype(x.dtype)
             return normed.astype(x.dtype) * scale.astype(x.dtype)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -108,7 +112,11 @@ def apply_rope(
 
 
 class Attention(nn.Module):
-    """Self-attention over this model shard's heads (all heads without `parallel`)."""
+    """Self-attention over this model shard's heads (all heads without `parallel`).
+
+    A layer that shares another's K/V (`shared`: that layer's new K and V `[B, T, Hkv, D]`, and as
+    `layer_cache` its updated cache) has no K/V projections and writes no cache: it attends over the new
+    K/V in a prefill and over the other layer's cache otherwise. Returns (output, cache, (K, V))."""
 
     config: ModelConfig
     layer: int
@@ -124,25 +132,40 @@ class Attention(nn.Module):
         layer_cache: tuple[jax.Array, jax.Array] | None,
         prefill: bool,
         cache_start: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        cfg, parallel = self.config, self.parallel
+        shared: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, tuple[jax.Array, jax.Array]]:
+        cfg, parallel, layer = self.config, self.parallel, self.layer
         batch, steps, _ = x.shape
+        head_dim = cfg.head_dim_of(layer)
         num_heads = par.per_shard(cfg.num_heads, parallel)
-        num_kv_heads = par.local_kv_heads(cfg.num_kv_heads, parallel)
-        q = Linear(num_heads * cfg.head_dim, cfg.qkv_bias, name="q")(x)
-        k = Linear(num_kv_heads * cfg.head_dim, cfg.qkv_bias, name="k")(x)
-        v = Linear(num_kv_heads * cfg.head_dim, cfg.qkv_bias, name="v")(x)
+        num_kv_heads = par.local_kv_heads(cfg.kv_heads_of(layer), parallel)
+        capacity = None if layer_cache is None else layer_cache[0].shape[2]
+        q = Linear(num_heads * head_dim, cfg.qkv_bias, name="q")(x)
+        if shared is None:
+            k = Linear(num_kv_heads * head_dim, cfg.qkv_bias, name="k")(x)
+            if cfg.k_eq_v and not cfg.is_sliding(layer):  # V is K's projection, before K's norm and RoPE
+                v = k
+            else:
+                v = Linear(num_kv_heads * head_dim, cfg.qkv_bias, name="v")(x)
+            if cfg.qkv_clip is not None:
+                k, v = (jnp.clip(t, -cfg.qkv_clip, cfg.qkv_clip) for t in (k, v))
+            k = k.reshape(batch, steps, num_kv_heads, head_dim)
+            v = v.reshape(batch, steps, num_kv_heads, head_dim)
+            if cfg.qk_norm:  # over head_dim, per head
+                k = Norm(cfg, name="k_norm")(k)
+            if cfg.v_norm:
+                v = Norm(cfg, with_scale=False, name="v_norm")(v)
+            if cfg.position == "rope":
+                k = apply_rope(k, positions, cfg, layer, capacity)
+        else:
+            k, v = shared
         if cfg.qkv_clip is not None:
-            q, k, v = (jnp.clip(t, -cfg.qkv_clip, cfg.qkv_clip) for t in (q, k, v))
-        q = q.reshape(batch, steps, num_heads, cfg.head_dim)
-        k = k.reshape(batch, steps, num_kv_heads, cfg.head_dim)
-        v = v.reshape(batch, steps, num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:  # over head_dim, per head
-            q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
+            q = jnp.clip(q, -cfg.qkv_clip, cfg.qkv_clip)
+        q = q.reshape(batch, steps, num_heads, head_dim)
+        if cfg.qk_norm:
+            q = Norm(cfg, name="q_norm")(q)
         if cfg.position == "rope":
-            capacity = None if layer_cache is None else layer_cache[0].shape[2]
-            q = apply_rope(q, positions, cfg, self.layer, capacity)
-            k = apply_rope(k, positions, cfg, self.layer, capacity)
+            q = apply_rope(q, positions, cfg, layer, capacity)
         slopes = None
         if cfg.position == "alibi":
             slopes = jnp.asarray(alibi_slopes(cfg))
@@ -155,15 +178,15 @@ class Attention(nn.Module):
         q_heads = q.transpose(0, 2, 1, 3)  # [B, Hq, T, D]
 
         start = positions[:, 0] if cache_start is None else cache_start
-        if layer_cache is not None:
+        if layer_cache is not None and shared is None:
             layer_cache = (write(layer_cache[0], k, start), write(layer_cache[1], v, start))
         if layer_cache is None or prefill:
             out = attention.prefill_attention(q_heads, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), **options)
         else:
             lengths = start + steps
             out = attention.cached_attention(q_heads, layer_cache[0], layer_cache[1], lengths, sinks=sinks, **options)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, steps, num_heads * cfg.head_dim)
-        return Linear(cfg.d_model, cfg.out_bias, parallel, name="o")(out), layer_cache
+        out = out.transpose(0, 2, 1, 3).reshape(batch, steps, num_heads * head_dim)
+        return Linear(cfg.d_model, cfg.out_bias, parallel, name="o")(out), layer_cache, (k, v)
 
 
 _ACTIVATIONS = {
@@ -248,6 +271,8 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer; see `Attention` for `shared`. Returns (x, cache, this layer's new (K, V))."""
+
     config: ModelConfig
     layer: int
     impl: str = "auto"
@@ -255,22 +280,31 @@ class Block(nn.Module):
     kv_view: tuple[int, int] | None = None
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, prefill, cache_start=None):
-        cfg = self.config
+    def __call__(self, x, positions, layer_cache, prefill, cache_start=None, shared=None, per_layer_input=None):
+        cfg, layer = self.config, self.layer
         h = Norm(cfg, name="attn_norm")(x)
-        attention_layer = Attention(cfg, self.layer, self.impl, self.parallel, self.kv_view, name="attn")
-        attn_out, layer_cache = attention_layer(h, positions, layer_cache, prefill, cache_start)
-        mlp = MoE(cfg, self.parallel, name="moe") if cfg.is_moe(self.layer) else MLP(cfg, self.parallel, name="mlp")
+        attention_layer = Attention(cfg, layer, self.impl, self.parallel, self.kv_view, name="attn")
+        attn_out, layer_cache, kv = attention_layer(h, positions, layer_cache, prefill, cache_start, shared)
+        if cfg.is_moe(layer):
+            mlp = MoE(cfg, self.parallel, name="moe")
+        else:
+            mlp = MLP(cfg, self.parallel, cfg.ffn_dim_of(layer), name="mlp")
         if cfg.parallel_block:
             mlp_in = Norm(cfg, name="mlp_norm")(x) if cfg.parallel_mlp_norm else h
-            return x + attn_out + mlp(mlp_in), layer_cache
-        if cfg.sandwich_norm:  # Gemma 2/3: each sub-layer's output is normed before the residual add
+            return x + attn_out + mlp(mlp_in), layer_cache, kv
+        if cfg.sandwich_norm:  # Gemma 2/3/4: each sub-layer's output is normed before the residual add
             attn_out = Norm(cfg, name="post_attn_norm")(attn_out)
         x = x + attn_out
         mlp_out = mlp(Norm(cfg, name="mlp_norm")(x))
         if cfg.sandwich_norm:
             mlp_out = Norm(cfg, name="post_mlp_norm")(mlp_out)
-        return x + mlp_out, layer_cache
+        x = x + mlp_out
+        if cfg.per_layer_dim:  # Gemma 4: this layer's input vector, gated by the residual, added back
+            gate = _ACTIVATIONS[cfg.activation](Linear(cfg.per_layer_dim, name="per_layer_gate")(x))
+            x = x + Norm(cfg, name="per_layer_norm")(Linear(cfg.d_model, name="per_layer_proj")(gate * per_layer_input))
+        if cfg.layer_scalar:
+            x = x * self.param("layer_scalar", nn.initializers.ones, (1,), x.dtype)
+        return x, layer_cache, kv
 
 
 class Decoder(nn.Module):
@@ -304,15 +338,21 @@ class Decoder(nn.Module):
             x = x + jnp.take(pos_embedding, positions, axis=0)
         if cfg.embed_norm:
             x = Norm(cfg, name="embed_norm")(x)
+        per_layer_inputs = self._per_layer_inputs(tokens, x) if cfg.per_layer_dim else None
 
-        keys, values = [], []
+        # Cache entry j belongs to layer j (`config.cache_layers`); a K/V-sharing layer reads its source's.
+        keys = [] if kv_cache is None else list(kv_cache.keys)
+        values = [] if kv_cache is None else list(kv_cache.values)
+        new_kv = {}
         for i in range(cfg.num_layers):
-            layer_cache = None if kv_cache is None else (kv_cache.keys[i], kv_cache.values[i])
+            source = cfg.kv_source(i)
+            layer_cache = None if kv_cache is None else (keys[source], values[source])
+            shared = None if source == i else new_kv[source]
             block = Block(cfg, i, self.impl, parallel, self.kv_view, name=f"layer_{i}")
-            x, layer_cache = block(x, positions, layer_cache, prefill, cache_start)
-            if layer_cache is not None:
-                keys.append(layer_cache[0])
-                values.append(layer_cache[1])
+            per_layer_input = None if per_layer_inputs is None else per_layer_inputs[:, :, i]
+            x, layer_cache, new_kv[i] = block(x, positions, layer_cache, prefill, cache_start, shared, per_layer_input)
+            if layer_cache is not None and source == i:
+                keys[i], values[i] = layer_cache
 
         if logits_at is not None:  # only the positions whose logits are needed go through the head
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
@@ -329,6 +369,22 @@ class Decoder(nn.Module):
             start = positions[:, 0] if cache_start is None else cache_start
             new_cache = KVCache(tuple(keys), tuple(values), (start + tokens.shape[1]).astype(jnp.int32))
         return logits, new_cache
+
+    def _per_layer_inputs(self, tokens: jax.Array, x: jax.Array) -> jax.Array:
+        """Gemma 4's per-layer inputs `[B, T, num_layers, per_layer_dim]`: the token's row of the per-layer
+        embedding (times sqrt(per_layer_dim)) averaged, by 1/sqrt(2), with the normed projection of the
+        (scaled) embedding x `[B, T, d_model]` (times 1/sqrt(d_model))."""
+        cfg = self.config
+        shape = (*tokens.shape, cfg.num_layers, cfg.per_layer_dim)
+        table = weights.param(
+            self, "per_layer_embed", (cfg.per_layer_vocab, cfg.num_layers * cfg.per_layer_dim), self.dtype
+        )
+        from_token = weights.lookup(table, tokens, None) * jnp.asarray(cfg.per_layer_dim**0.5, x.dtype)
+        projected = Linear(cfg.num_layers * cfg.per_layer_dim, name="per_layer_model_proj")(x)
+        projected = Norm(cfg, name="per_layer_proj_norm")(
+            (projected * jnp.asarray(cfg.d_model**-0.5, x.dtype)).reshape(shape)
+        )
+        return (projected + from_token.reshape(shape)) * jnp.asarray(2**-0.5, x.dtype)
 
 
 def apply(

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import engine, parallel, targets, weights
 from .api import DTYPES, load_config
-from .collectives import DATA, MODEL, Parallel, local_kv_heads
+from .collectives import DATA, MODEL, Parallel
 from .config import ModelConfig, config_from_hf
 from .kv_cache import init_cache
 from .loop import Decoding, Speculation, decode_loop, prefill
@@ -170,7 +170,7 @@ def analytic_bytes(config: ModelConfig, workload: Workload, data: int, model: in
             workload.batch,
             workload.cache_len,
             DTYPES[workload.dtype],
-            local_kv_heads(config.num_kv_heads, Parallel(model)),
+            Parallel(model),
         )
     )
     kv_bytes = sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in (*cache.keys, *cache.values)) // data

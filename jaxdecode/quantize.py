@@ -326,7 +326,7 @@ def _is_router(path) -> bool:
     return len(path) > 1 and getattr(path[-2], "key", None) == "router"
 
 
-EMBEDDING_NAMES = ("embed", "lm_head")
+EMBEDDING_NAMES = ("embed", "lm_head", "per_layer_embed")  # tables read by row (or whole, as the head)
 
 
 def check_choice(quant: str | None, group_size: int) -> None:

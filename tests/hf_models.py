@@ -94,6 +94,43 @@ def _configs() -> dict[str, tf.PretrainedConfig]:
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
             },
         ),
+        # Gemma 4 E2B style: per-layer inputs, the last 2 of 6 layers sharing K/V (one sliding, one full)
+        # with double-wide MLPs, wider heads in full layers (per_layer_config), proportional RoPE turning a
+        # quarter of each full head, a V norm, attention scale 1, a final soft-cap that bends the logits.
+        "gemma4": tf.Gemma4TextConfig(
+            **{**common, "num_hidden_layers": 6},
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            sliding_window=5,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=True,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=VOCAB,
+            final_logit_softcapping=3.0,
+            max_position_embeddings=256,
+        ),
+        # Gemma 4 31B style: full layers take V from K's projection (attention_k_eq_v) and have one KV head
+        # (MQA) against two in sliding layers; no per-layer inputs, no K/V sharing; half of each full head turning.
+        "gemma4_k_eq_v": tf.Gemma4TextConfig(
+            **{**common, "num_hidden_layers": 4},
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            hidden_size_per_layer_input=0,
+            max_position_embeddings=256,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e5},
+            },
+        ),
         # Qwen3: QK-norm, explicit head_dim, no QKV bias, untied head.
         "qwen3": tf.Qwen3Config(
             **common, num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256
@@ -206,6 +243,9 @@ def perturbed(config: tf.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+        for name, buffer in model.named_buffers():  # Gemma 4's per-layer output scale is a saved buffer
+            if name.endswith("layer_scalar"):
+                buffer.mul_(1 + torch.randn_like(buffer) * 0.3)
     return model
 
 

@@ -42,6 +42,16 @@ _GEMMA2_NAMES = [
     (r"norm\.weight", "final_norm/scale"),
     (r"lm_head\.weight", "lm_head"),
 ]
+# Gemma 4: Gemma 3's names plus the per-layer inputs and each layer's scalar.
+_GEMMA4_NAMES = [
+    (r"embed_tokens_per_layer\.weight", "per_layer_embed"),
+    (r"per_layer_model_projection\.weight", "per_layer_model_proj/weight"),
+    (r"per_layer_projection_norm\.weight", "per_layer_proj_norm/scale"),
+    (r"layers\.(\d+)\.per_layer_input_gate\.weight", "layer_{0}/per_layer_gate/weight"),
+    (r"layers\.(\d+)\.per_layer_projection\.weight", "layer_{0}/per_layer_proj/weight"),
+    (r"layers\.(\d+)\.post_per_layer_input_norm\.weight", "layer_{0}/per_layer_norm/scale"),
+    (r"layers\.(\d+)\.layer_scalar", "layer_{0}/layer_scalar"),
+]
 # Mixture of experts: the router, each expert's matrices (stacked into [E, out, in] in `_finish`) and
 # Qwen2-MoE's shared expert. Mixtral's w1 / w3 / w2 are gate / up / down.
 _MIXTRAL_NAMES = [
@@ -67,6 +77,7 @@ _NAMES: dict[str, list[tuple[str, str]]] = {
     "qwen3_moe": _QWEN_MOE_NAMES + _LLAMA_NAMES + _QK_NORM_NAMES,
     "gemma2": _GEMMA2_NAMES,
     "gemma3": _GEMMA2_NAMES + _QK_NORM_NAMES,
+    "gemma4": _GEMMA4_NAMES + _GEMMA2_NAMES + _QK_NORM_NAMES,
     # Phi-3: fused q|k|v and gate|up projections, split in `_finish`.
     "phi3": [
         (r"embed_tokens\.weight", "embed"),
@@ -263,6 +274,9 @@ def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any], ori
             mlp["gate"], mlp["up"] = {"weight": gate}, {"weight": up}
         if "moe" in layer:
             _stack_experts(layer["moe"], config, i, origin, directory)
+        if config.kv_source(i) != i:  # K/V-sharing layers: files may keep unused K/V weights (HF ignores them)
+            for unused in ("k", "v", "k_norm"):
+                attn.pop(unused, None)
     if config.tie_embeddings:
         params.pop("lm_head", None)
 
