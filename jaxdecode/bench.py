@@ -805,7 +805,7 @@ def flash_child(spec: dict, runs: int) -> dict:
         "peak_rss_mb": decoding.peak,  # while decoding
         "baseline_rss_mb": baseline,
         "process_peak_rss_mb": _peak_rss_mb(),  # loading and the perplexity forward included
-        "kv_cache_mb": 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * slots / 1e6,
+        "kv_cache_mb": c.kv_values_per_token * 4 * slots / 1e6,
     }
 
 

@@ -363,16 +363,6 @@ class ModelConfig:
         return sum(2 * self.kv_heads_of(i) * self.head_dim_of(i) for i in self.cache_layers)
 
     @property
-    def uniform_layers(self) -> bool:
-        """Whether every layer has the same attention shapes and MLP width (what model sharding and the
-        flash layout assume)."""
-        n = self.num_layers
-        return (
-            len({(self.head_dim_of(i), self.kv_heads_of(i), self.ffn_dim_of(i)) for i in range(n)}) == 1
-            and not self.kv_shared_layers
-        )
-
-    @property
     def norm_scales_in_float32(self) -> bool:
         """Gemma scales the normed activations in float32 and casts after; Llama casts first."""
         return bool(self.norm_offset) or self.family == "gemma4"

@@ -158,6 +158,8 @@ def check_convertible(config: ModelConfig) -> None:
         raise ValueError("--flash needs dense MLPs; a mixture of experts keeps its experts resident")
     if config.mlp_bias:
         raise ValueError("--flash supports MLPs without biases")
+    if len({config.ffn_dim_of(i) for i in range(config.num_layers)}) > 1:
+        raise ValueError("--flash needs MLPs of one width in every layer; this model's K/V-sharing layers are wider")
 
 
 def _bundle_dtype(mlp: dict) -> str:

@@ -67,10 +67,9 @@ def check_config(config: ModelConfig, model_size: int, params: Any = None) -> No
     problems = []
     if config.num_heads % m:
         problems.append(f"{config.num_heads} query heads are not divisible by model={m}")
-    if config.num_kv_heads % m and m % config.num_kv_heads:
-        problems.append(
-            f"{config.num_kv_heads} KV heads neither divide into model={m} shards nor replicate evenly over them"
-        )
+    for kv_heads in sorted({config.kv_heads_of(i) for i in range(config.num_layers)}):
+        if kv_heads % m and m % kv_heads:
+            problems.append(f"{kv_heads} KV heads neither divide into model={m} shards nor replicate evenly over them")
     if config.ffn_dim % m and not all(config.is_moe(i) for i in range(config.num_layers)):
         problems.append(f"MLP width {config.ffn_dim} is not divisible by model={m}")
     if config.num_experts:

@@ -101,7 +101,7 @@ class PassCosts:
     weight_bytes: float  # every weight but the experts', read once per pass
     matmul_flops: float  # per new token through the weights: 2 x multiplied params (the routed experts' only)
     kv_bytes_per_token: float  # K and V of one cached token, all layers
-    attention_flops: float  # per new token and key attended: 4 x query heads x head_dim x layers
+    attention_flops: float  # per new token and key attended: 4 x query heads x head_dim, summed over layers
     expert_bytes: float = 0.0  # all experts' weights (mixtures of experts)
     expert_share: float = 0.0  # experts_per_token / num_experts: the share one token routes to
 
@@ -119,12 +119,14 @@ class PassCosts:
         if config.tie_embeddings:
             multiplied += config.vocab_size * config.d_model  # the embedding, as the LM head
         itemsize = jnp.dtype(params["embed"].dtype).itemsize  # a quantized embedding names its float dtype
-        per_layer = config.num_kv_heads * config.head_dim
+        # Gemma 4's per-layer embedding is read a row per token, not whole: left out like the experts.
+        by_row = [leaf for path, leaf in leaves if getattr(path[-1], "key", None) == "per_layer_embed"]
+        head_dims = sum(config.head_dim_of(i) for i in range(config.num_layers))
         return cls(
-            weight_bytes=param_bytes(params) - param_bytes(experts),
+            weight_bytes=param_bytes(params) - param_bytes(experts) - param_bytes(by_row),
             matmul_flops=2 * multiplied,
-            kv_bytes_per_token=config.num_layers * 2 * per_layer * itemsize,
-            attention_flops=4 * config.num_heads * config.head_dim * config.num_layers,
+            kv_bytes_per_token=config.kv_values_per_token * itemsize,
+            attention_flops=4 * config.num_heads * head_dims,
             expert_bytes=param_bytes(experts),
             expert_share=share,
         )

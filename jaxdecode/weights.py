@@ -301,17 +301,23 @@ def shard_layout(params: Any, config: ModelConfig, model_size: int, xp: Any = np
     - row-parallel 4-bit weights re-packed shard by shard (`quantize.split_columns`).
 
     `xp=jnp` traces it (under `jax.eval_shape`, for abstract params: `jaxdecode.plan`)."""
-    repeat = model_size // config.num_kv_heads if config.num_kv_heads < model_size else 1
     vocab = col.padded_vocab(config.vocab_size, Parallel(model_size))
+
+    def kv_repeat(path) -> tuple[int, int]:
+        """(KV heads, how often each is repeated) of the layer a leaf is in."""
+        top = getattr(path[0], "key", "")
+        heads = config.kv_heads_of(int(top[len("layer_") :])) if top.startswith("layer_") else config.num_kv_heads
+        return heads, (model_size // heads if heads < model_size else 1)
 
     def pad_rows(a: Any) -> Any:
         return a if a is None else xp.concatenate([a, xp.zeros((vocab - a.shape[0], *a.shape[1:]), a.dtype)])
 
-    def repeat_heads(a: Any, axis: int) -> Any:
+    def repeat_heads(a: Any, axis: int, path) -> Any:
         if a is None:
             return a
         axis = axis % a.ndim
-        heads = a.reshape(*a.shape[:axis], config.num_kv_heads, -1, *a.shape[axis + 1 :])
+        num_kv_heads, repeat = kv_repeat(path)
+        heads = a.reshape(*a.shape[:axis], num_kv_heads, -1, *a.shape[axis + 1 :])
         return xp.repeat(heads, repeat, axis=axis).reshape(*a.shape[:axis], -1, *a.shape[axis + 1 :])
 
     slices = col.expert_slices(config.num_experts, Parallel(model_size)) if config.num_experts else 1
@@ -336,16 +342,16 @@ def shard_layout(params: Any, config: ModelConfig, model_size: int, xp: Any = np
         if is_quantized(leaf):
             if role == "vocab" and vocab != leaf.values.shape[0]:
                 leaf = jax.tree.map(pad_rows, leaf)
-            if module in ("k", "v") and repeat > 1:
-                leaf = jax.tree.map(lambda a: repeat_heads(a, 0), leaf)
+            if module in ("k", "v") and kv_repeat(path)[1] > 1:
+                leaf = jax.tree.map(lambda a: repeat_heads(a, 0, path), leaf)
             if role == "row" and model_size > 1:
                 leaf = quantize.split_columns(leaf, model_size, xp)
             return leaf
         leaf = xp.asarray(leaf)
         if role == "vocab" and vocab != leaf.shape[0]:
             leaf = pad_rows(leaf)
-        if module in ("k", "v") and repeat > 1:
-            leaf = repeat_heads(leaf, -1)
+        if module in ("k", "v") and kv_repeat(path)[1] > 1:
+            leaf = repeat_heads(leaf, -1, path)
         return leaf
 
     return jax.tree_util.tree_map_with_path(fix, params, is_leaf=is_quantized)
@@ -359,4 +365,5 @@ def layout_is_identity(params: Any, config: ModelConfig, model_size: int) -> boo
     repacked = any(leaf.four_bit for leaf in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(leaf))
     padded = col.padded_vocab(config.vocab_size, Parallel(model_size)) != config.vocab_size
     sliced = config.num_experts and col.expert_slices(config.num_experts, Parallel(model_size)) > 1
-    return not (repacked or padded or sliced or config.num_kv_heads < model_size)
+    repeated = any(config.kv_heads_of(i) < model_size for i in range(config.num_layers))
+    return not (repacked or padded or sliced or repeated)

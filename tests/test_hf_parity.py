@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxdecode as jd
+from jaxdecode.config import config_from_hf
 
 from hf_models import FAMILY_CASES, VOCAB, build, hf_logits
 
@@ -108,7 +111,7 @@ def test_bfloat16_close_to_float32(tmp_path):
     assert all(len(t) == 4 for t in out.tokens)
 
 
-@pytest.mark.parametrize("name", ["gemma3", "phi3_longrope"])
+@pytest.mark.parametrize("name", ["gemma3", "gemma4", "phi3_longrope"])
 def test_per_layer_and_longrope_configs_survive_a_checkpoint(tmp_path, name):
     """Tuples in the config (layer_types, longrope factor lists) come back as tuples: equal and hashable."""
     build(name, tmp_path / "hf")
@@ -118,3 +121,52 @@ def test_per_layer_and_longrope_configs_survive_a_checkpoint(tmp_path, name):
     assert restored.config == model.config and hash(restored.config) == hash(model.config)
     tokens = _tokens(1, SEQ, seed=5)
     np.testing.assert_array_equal(np.asarray(jd.forward(restored, tokens)), np.asarray(jd.forward(model, tokens)))
+
+
+def test_gemma4_config_as_google_writes_it(tmp_path):
+    """Google's config.json files name the full layers' head_dim and KV heads (`global_head_dim`,
+    `num_global_key_value_heads`, nested in the multimodal wrapper's `text_config`) where transformers 5
+    writes `per_layer_config`: all read alike. The MoE variant and bidirectional attention are refused."""
+    build("gemma4_k_eq_v", tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "per_layer_config" in written
+    google = {k: v for k, v in written.items() if k != "per_layer_config"}
+    google.update(global_head_dim=32, num_global_key_value_heads=1)
+    expected = config_from_hf(written)
+    assert expected.layer_head_dims == (16, 32, 16, 32) and expected.layer_kv_heads == (2, 1, 2, 1)
+    assert config_from_hf(google) == expected
+    assert config_from_hf({"model_type": "gemma4", "text_config": google}) == expected
+    # Without attention_k_eq_v the global KV head count does not apply (transformers' rule).
+    plain = config_from_hf({**google, "attention_k_eq_v": False})
+    assert plain.layer_kv_heads == (2, 2, 2, 2) and plain.layer_head_dims == (16, 32, 16, 32)
+    with pytest.raises(ValueError, match="enable_moe_block.*not supported yet"):
+        config_from_hf({**google, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2})
+    with pytest.raises(ValueError, match="encoder"):
+        config_from_hf({**google, "use_bidirectional_attention": "all"})
+    with pytest.raises(ValueError, match="per_layer_config names layer '9'"):
+        config_from_hf({**written, "per_layer_config": {"9": {"head_dim": 32}}})
+
+
+def test_gemma4_int8_quantizes_the_per_layer_embedding(tmp_path):
+    """int8 turns the per-layer embedding (Gemma 4 E2B's largest table) into int8 rows too, and the int8
+    model computes what the float model does with the dequantized weights. (Against the float weights
+    this tiny random model moves far: attention scale 1 over normed q and k makes its softmax sharp, so
+    bfloat16 alone moves its logits by 11%.)"""
+    from jaxdecode.quantize import dequantize, is_quantized
+
+    build("gemma4", tmp_path)
+    tokens = _tokens(2, SEQ, seed=6)
+    model = jd.load(tmp_path, quant="int8")
+    assert model.params["per_layer_embed"].kind == "int8"
+    assert model.params["layer_5"]["per_layer_gate"]["weight"].kind == "int8"
+
+    def dequantized(path, leaf):  # back to the float layout: tables [rows, d], Linear weights [in, out]
+        if not is_quantized(leaf):
+            return leaf
+        w = np.asarray(dequantize(leaf))
+        return w if path[-1].key in ("embed", "lm_head", "per_layer_embed") else w.T
+
+    float_params = jax.tree_util.tree_map_with_path(dequantized, model.params, is_leaf=is_quantized)
+    ref = np.asarray(jd.forward(dataclasses.replace(jd.load(tmp_path), params=float_params), tokens))
+    got = np.asarray(jd.forward(model, tokens))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -80,11 +80,15 @@ SLOW_FAMILY = pytest.mark.slow
         pytest.param("falcon", marks=SLOW_FAMILY),
         pytest.param("bloom", marks=SLOW_FAMILY),
         "mpt",
+        "gemma4_k_eq_v",
+        pytest.param("gemma4", marks=SLOW_FAMILY),
     ],
 )
 def test_families_on_meshes(family, tmp_path):
     """GQA (llama), MQA (gpt_bigcode, falcon: one KV head replicated on every shard), ALiBi with 6 heads
-    (bloom, mpt: each shard takes its heads' slopes), on every mesh the model divides."""
+    (bloom, mpt: each shard takes its heads' slopes), per-layer KV heads (gemma4_k_eq_v: 2 in sliding
+    layers, 1 in full ones), per-layer inputs and K/V-sharing layers (gemma4), on every mesh the model
+    divides."""
     build(family, tmp_path)
     model = jd.load(tmp_path)
     meshes = [m for m in MESHES if _divisible(model.config, m[1])]
