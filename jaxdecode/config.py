@@ -119,6 +119,7 @@ _BOOLS = (
     "v_norm",
     "double_wide_shared_mlp",
     "layer_scalar",
+    "moe_beside_mlp",
 )
 _CHOICES = {
     "norm": ("rms", "layer"),
@@ -219,6 +220,10 @@ class ModelConfig:
     per_layer_dim: int = 0
     per_layer_vocab: int = 0
     layer_scalar: bool = False  # each layer's output multiplied by a learned scalar
+    # Gemma 4's MoE: each layer keeps its dense MLP and adds the routed experts' output beside it (each
+    # normed), the router reading the unnormed residual through a scale-less RMSNorm, a learned scale per
+    # feature and 1/sqrt(d_model); the top-k weights (renormalised) times a learned scale per expert.
+    moe_beside_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -569,7 +574,7 @@ _HF_OPTIONAL_INTS = (
     "num_key_value_heads head_dim n_inner ffn_hidden_size sliding_window num_kv_heads num_ln_in_parallel_attn "
     "original_max_position_embeddings sliding_window_pattern num_local_experts num_experts num_experts_per_tok "
     "moe_intermediate_size shared_expert_intermediate_size decoder_sparse_step global_head_dim "
-    "num_global_key_value_heads vocab_size_per_layer_input"
+    "num_global_key_value_heads vocab_size_per_layer_input top_k_experts"
 ).split()
 _HF_NUMBERS = "rms_norm_eps layer_norm_epsilon rope_theta rope_local_base_freq query_pre_attn_scalar".split()
 _HF_OPTIONAL_NUMBERS = "attn_logit_softcapping final_logit_softcapping partial_rotary_factor".split()
@@ -947,15 +952,21 @@ def _gemma4_config(hf: dict[str, Any]) -> ModelConfig:
     """Gemma 4 (text; the multimodal wrapper's `text_config`): Gemma 3's block with plain-scale norms, a
     V norm, attention scale 1, wider heads in full layers (`global_head_dim`, or transformers'
     `per_layer_config`), V = K in full layers with `attention_k_eq_v`, K/V shared by the last layers,
-    per-layer inputs and a learned scalar per layer."""
+    per-layer inputs, a learned scalar per layer, and with `enable_moe_block` experts beside every MLP."""
     if "text_config" in hf:
         return _gemma4_config({**hf["text_config"], "model_type": "gemma4_text"})
     if hf.get("use_bidirectional_attention") == "all":
         raise ValueError("use_bidirectional_attention='all' is an encoder, not a decoder")
+    experts = {}
     if hf.get("enable_moe_block"):
-        raise ValueError(
-            "Gemma 4 with enable_moe_block=true (the MoE variants, e.g. gemma-4-26B-A4B) is not supported yet; "
-            "the dense Gemma 4 models are"
+        for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+            if hf.get(key) is None:
+                raise ValueError(f"enable_moe_block=true needs {key}")
+        experts = dict(
+            num_experts=hf["num_experts"],
+            experts_per_token=hf["top_k_experts"],
+            expert_ffn_dim=hf["moe_intermediate_size"],
+            moe_beside_mlp=True,
         )
     dims = _decoder_dims(hf, max_seq_len=131072, norm_eps=1e-6, head_dim=256)
     layer_types = _layer_types(hf, 6)
@@ -1010,6 +1021,7 @@ def _gemma4_config(hf: dict[str, Any]) -> ModelConfig:
         per_layer_dim=per_layer_dim,
         per_layer_vocab=(hf.get("vocab_size_per_layer_input") or hf["vocab_size"]) if per_layer_dim else 0,
         layer_scalar=True,
+        **experts,
     )
 
 

@@ -246,13 +246,24 @@ class MoE(nn.Module):
     parallel: Parallel | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, expert_input: jax.Array | None = None) -> jax.Array:
+        """x `[B, T, d]` routed; the experts read `expert_input` (default x) of the same shape."""
         cfg, parallel = self.config, self.parallel
         rows = x.reshape(-1, x.shape[-1])
-        scores = Linear(cfg.num_experts, name="router")(rows).astype(jnp.float32)
+        router_input = rows
+        if cfg.moe_beside_mlp:  # Gemma 4's router: scale-less RMSNorm, a learned scale, 1/sqrt(d)
+            router_scale = self.param("router_scale", nn.initializers.ones, (cfg.d_model,), x.dtype)
+            router_input = Norm(cfg, with_scale=False, name="router_norm")(rows) * router_scale
+            router_input = router_input * jnp.asarray(cfg.d_model**-0.5, x.dtype)
+        scores = Linear(cfg.num_experts, name="router")(router_input).astype(jnp.float32)
         probs, chosen = lax.top_k(jax.nn.softmax(scores, axis=-1), cfg.experts_per_token)  # [N, k]
         if cfg.normalize_routing:
             probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+        if cfg.moe_beside_mlp:
+            expert_scale = self.param("expert_scale", nn.initializers.ones, (cfg.num_experts,), x.dtype)
+            probs = probs * expert_scale.astype(jnp.float32)[chosen]
+        if expert_input is not None:
+            rows = expert_input.reshape(rows.shape)
         self.sow("intermediates", "chosen", chosen.reshape(*x.shape[:-1], -1))  # read by `routing`
         # Each chosen expert is `slices` virtual experts; this shard holds `local` of them.
         slices = par.expert_slices(cfg.num_experts, parallel)
@@ -285,7 +296,7 @@ class Block(nn.Module):
         h = Norm(cfg, name="attn_norm")(x)
         attention_layer = Attention(cfg, layer, self.impl, self.parallel, self.kv_view, name="attn")
         attn_out, layer_cache, kv = attention_layer(h, positions, layer_cache, prefill, cache_start, shared)
-        if cfg.is_moe(layer):
+        if cfg.is_moe(layer) and not cfg.moe_beside_mlp:
             mlp = MoE(cfg, self.parallel, name="moe")
         else:
             mlp = MLP(cfg, self.parallel, cfg.ffn_dim_of(layer), name="mlp")
@@ -296,6 +307,9 @@ class Block(nn.Module):
             attn_out = Norm(cfg, name="post_attn_norm")(attn_out)
         x = x + attn_out
         mlp_out = mlp(Norm(cfg, name="mlp_norm")(x))
+        if cfg.is_moe(layer) and cfg.moe_beside_mlp:  # Gemma 4: the experts' output beside the MLP's
+            moe_out = MoE(cfg, self.parallel, name="moe")(x, Norm(cfg, name="moe_norm")(x))
+            mlp_out = Norm(cfg, name="post_mlp_norm_1")(mlp_out) + Norm(cfg, name="post_moe_norm")(moe_out)
         if cfg.sandwich_norm:
             mlp_out = Norm(cfg, name="post_mlp_norm")(mlp_out)
         x = x + mlp_out

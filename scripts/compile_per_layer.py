@@ -5,7 +5,12 @@ the layers are unrolled into one compiled program whatever they differ in. This 
 costs: the compile time of `generate` (prefill + decode loop) for Gemma 3 270M as it is (15 sliding
 layers with base 10k + 3 global layers with base 1M) and for the same weights with every layer alike.
 
-    python scripts/compile_per_layer.py [--model gemma3-270m] [--repeats 3]
+`--model gemma4-shape` does the same for a Gemma 4 layer structure with random weights (35 layers, 4
+sliding : 1 full, head_dim 256 / 512 in full layers, the last 20 layers sharing K/V with double-wide MLPs,
+per-layer inputs) at a small width, against the same layers made alike (no sharing, no per-layer inputs,
+head_dim 256 everywhere).
+
+    python scripts/compile_per_layer.py [--model gemma3-270m | gemma4-shape] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -14,7 +19,40 @@ import argparse
 import dataclasses
 import statistics
 
+import jax
+
 import jaxdecode as jd
+
+_LAYERS = 35
+GEMMA4_SHAPE = jd.ModelConfig(
+    family="gemma4",
+    vocab_size=4096,
+    d_model=256,
+    num_layers=_LAYERS,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=256,
+    ffn_dim=512,
+    max_seq_len=4096,
+    activation="gelu_tanh",
+    rope_local_theta=10000.0,
+    rope_theta=1e6,
+    rope_scaling=jd.RopeScaling("proportional", 1.0, rotary_fraction=0.25),
+    embed_scale=True,
+    sliding_window=512,
+    layer_types=tuple("full" if (i + 1) % 5 == 0 else "sliding" for i in range(_LAYERS)),
+    attn_scale=1.0,
+    qk_norm=True,
+    sandwich_norm=True,
+    final_softcap=30.0,
+    layer_head_dims=tuple(512 if (i + 1) % 5 == 0 else 256 for i in range(_LAYERS)),
+    kv_shared_layers=20,
+    v_norm=True,
+    double_wide_shared_mlp=True,
+    per_layer_dim=64,
+    per_layer_vocab=4096,
+    layer_scalar=True,
+)
 
 
 def main() -> None:
@@ -22,14 +60,30 @@ def main() -> None:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    model = jd.load(args.model)
-    uniform = model.config.replace(layer_types=None, sliding_window=None, rope_local_theta=None)
+    if args.model == "gemma4-shape":
+        config = GEMMA4_SHAPE
+        uniform = config.replace(
+            layer_types=None,
+            sliding_window=None,
+            rope_local_theta=None,
+            rope_scaling=None,
+            layer_head_dims=None,
+            kv_shared_layers=0,
+            double_wide_shared_mlp=False,
+            per_layer_dim=0,
+            per_layer_vocab=0,
+        )
+        model = jd.Model(config, jd.init_params(config, jax.random.key(0)), tokenizer=None)
+    else:
+        model = jd.load(args.model)
+        uniform = model.config.replace(layer_types=None, sliding_window=None, rope_local_theta=None)
     variants = {"per-layer (as the model is)": model.config, "uniform layers": uniform}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # alternate, so neither variant always compiles first
         for name, config in variants.items():
             fresh = dataclasses.replace(model, config=config, executables={})
-            out = jd.generate(fresh, "Photosynthesis converts", max_new_tokens=8, stop_ids=())
+            prompt = "Photosynthesis converts" if model.tokenizer else [list(range(1, 17))]
+            out = jd.generate(fresh, prompt, max_new_tokens=8, stop_ids=())
             times[name].append(out.compile_s)
     for name, values in times.items():
         print(f"{name}: compile {statistics.median(values):.2f} s (median of {len(values)}: {values})")

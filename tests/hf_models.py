@@ -94,9 +94,10 @@ def _configs() -> dict[str, tf.PretrainedConfig]:
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
             },
         ),
-        # Gemma 4 E2B style: per-layer inputs, the last 2 of 6 layers sharing K/V (one sliding, one full)
-        # with double-wide MLPs, wider heads in full layers (per_layer_config), proportional RoPE turning a
-        # quarter of each full head, a V norm, attention scale 1, a final soft-cap that bends the logits.
+        # Gemma 4 with per-layer inputs (as its small "E" models), the last 2 of 6 layers sharing K/V (one
+        # sliding, one full) with double-wide MLPs, wider heads in full layers (per_layer_config),
+        # proportional RoPE turning a quarter of each full head, a V norm, attention scale 1, a final
+        # soft-cap that bends the logits.
         "gemma4": tf.Gemma4TextConfig(
             **{**common, "num_hidden_layers": 6},
             num_attention_heads=4,
@@ -112,7 +113,7 @@ def _configs() -> dict[str, tf.PretrainedConfig]:
             final_logit_softcapping=3.0,
             max_position_embeddings=256,
         ),
-        # Gemma 4 31B style: full layers take V from K's projection (attention_k_eq_v) and have one KV head
+        # Gemma 4 whose full layers take V from K's projection (attention_k_eq_v) and have one KV head
         # (MQA) against two in sliding layers; no per-layer inputs, no K/V sharing; half of each full head turning.
         "gemma4_k_eq_v": tf.Gemma4TextConfig(
             **{**common, "num_hidden_layers": 4},
@@ -130,6 +131,23 @@ def _configs() -> dict[str, tf.PretrainedConfig]:
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e5},
             },
+        ),
+        # Gemma 4's MoE variant (as gemma-4-26B-A4B): every layer's dense MLP plus top-2 of 4 experts
+        # beside it, the router's norm, feature scale and per-expert scales; experts stored stacked.
+        "gemma4_moe": tf.Gemma4TextConfig(
+            **{**common, "num_hidden_layers": 2},
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention"],
+            hidden_size_per_layer_input=0,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=40,
+            max_position_embeddings=256,
         ),
         # Qwen3: QK-norm, explicit head_dim, no QKV bias, untied head.
         "qwen3": tf.Qwen3Config(

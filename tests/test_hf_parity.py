@@ -126,7 +126,8 @@ def test_per_layer_and_longrope_configs_survive_a_checkpoint(tmp_path, name):
 def test_gemma4_config_as_google_writes_it(tmp_path):
     """Google's config.json files name the full layers' head_dim and KV heads (`global_head_dim`,
     `num_global_key_value_heads`, nested in the multimodal wrapper's `text_config`) where transformers 5
-    writes `per_layer_config`: all read alike. The MoE variant and bidirectional attention are refused."""
+    writes `per_layer_config`: all read alike. An MoE config without its expert width and bidirectional
+    attention are refused."""
     build("gemma4_k_eq_v", tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     assert "per_layer_config" in written
@@ -139,7 +140,7 @@ def test_gemma4_config_as_google_writes_it(tmp_path):
     # Without attention_k_eq_v the global KV head count does not apply (transformers' rule).
     plain = config_from_hf({**google, "attention_k_eq_v": False})
     assert plain.layer_kv_heads == (2, 2, 2, 2) and plain.layer_head_dims == (16, 32, 16, 32)
-    with pytest.raises(ValueError, match="enable_moe_block.*not supported yet"):
+    with pytest.raises(ValueError, match="enable_moe_block=true needs moe_intermediate_size"):
         config_from_hf({**google, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2})
     with pytest.raises(ValueError, match="encoder"):
         config_from_hf({**google, "use_bidirectional_attention": "all"})

@@ -77,11 +77,13 @@ def _two_expert_mixtral():
 
 
 @pytest.mark.parametrize(
-    "name,quant", [("mixtral", None), ("qwen2_moe", None), ("two_experts", None), ("two_experts", "int8")]
+    "name,quant",
+    [("mixtral", None), ("qwen2_moe", None), ("gemma4_moe", "int8"), ("two_experts", None), ("two_experts", "int8")],
 )
 def test_moe_on_meshes_gives_one_devices_tokens(tmp_path, name, quant):
     """Meshes (1, 4) and (2, 2): the one-device logits (<= 1e-5 relative) and greedy tokens, with the experts
-    split over `model` (4 experts: one or two per shard; 2 experts: column slices), float and int8."""
+    split over `model` (4 experts: one or two per shard; 2 experts: column slices), float and int8; Gemma 4's
+    experts beside a dense MLP in every layer."""
     if name == "two_experts":
         _two_expert_mixtral().save_pretrained(tmp_path)
     else:

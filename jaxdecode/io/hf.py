@@ -51,6 +51,14 @@ _GEMMA4_NAMES = [
     (r"layers\.(\d+)\.per_layer_projection\.weight", "layer_{0}/per_layer_proj/weight"),
     (r"layers\.(\d+)\.post_per_layer_input_norm\.weight", "layer_{0}/per_layer_norm/scale"),
     (r"layers\.(\d+)\.layer_scalar", "layer_{0}/layer_scalar"),
+    # the MoE variant: experts stacked as transformers 5 stores them, gate|up fused (split in `_finish`)
+    (r"layers\.(\d+)\.router\.proj\.weight", "layer_{0}/moe/router/weight"),
+    (r"layers\.(\d+)\.router\.scale", "layer_{0}/moe/router_scale"),
+    (r"layers\.(\d+)\.router\.per_expert_scale", "layer_{0}/moe/expert_scale"),
+    (r"layers\.(\d+)\.experts\.(gate_up|down)_proj", "layer_{0}/moe/experts/{1}"),
+    (r"layers\.(\d+)\.post_feedforward_layernorm_1\.weight", "layer_{0}/post_mlp_norm_1/scale"),
+    (r"layers\.(\d+)\.pre_feedforward_layernorm_2\.weight", "layer_{0}/moe_norm/scale"),
+    (r"layers\.(\d+)\.post_feedforward_layernorm_2\.weight", "layer_{0}/post_moe_norm/scale"),
 ]
 # Mixture of experts: the router, each expert's matrices (stacked into [E, out, in] in `_finish`) and
 # Qwen2-MoE's shared expert. Mixtral's w1 / w3 / w2 are gate / up / down.
@@ -272,7 +280,20 @@ def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any], ori
                 )
             gate, up = np.split(fused, 2)
             mlp["gate"], mlp["up"] = {"weight": gate}, {"weight": up}
-        if "moe" in layer:
+        if "gate_up" in layer.get("moe", {}).get("experts", {}):  # stacked [E, 2f, d]: rows [gate; up]
+            experts = layer["moe"]["experts"]
+            fused = experts.pop("gate_up")
+            name = f"layer_{i}/moe/experts/gate_up"
+            if fused.ndim != 3 or fused.shape[1] != 2 * config.expert_ffn_dim:
+                raise ModelFileError(
+                    directory,
+                    f"has shape {list(fused.shape)}; the config implies [experts, {2 * config.expert_ffn_dim}, d]",
+                    origin.get(name, name),
+                )
+            experts["gate"], experts["up"] = np.split(fused, 2, axis=1)
+            for part in ("gate", "up"):
+                origin[f"layer_{i}/moe/experts/{part}"] = origin.get(name, name)
+        elif "moe" in layer:
             _stack_experts(layer["moe"], config, i, origin, directory)
         if config.kv_source(i) != i:  # K/V-sharing layers: files may keep unused K/V weights (HF ignores them)
             for unused in ("k", "v", "k_norm"):
