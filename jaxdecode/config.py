@@ -121,6 +121,15 @@ _BOOLS = (
     "layer_scalar",
     "moe_beside_mlp",
 )
+_COUNTS_OR_ZERO = (
+    "num_experts",
+    "experts_per_token",
+    "expert_ffn_dim",
+    "shared_expert_dim",
+    "kv_shared_layers",
+    "per_layer_dim",
+    "per_layer_vocab",
+)
 _CHOICES = {
     "norm": ("rms", "layer"),
     "mlp": ("gated", "plain"),
@@ -246,6 +255,10 @@ class ModelConfig:
             _check_count("sliding_window", self.sliding_window, MAX_CONTEXT)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
+        for name in _COUNTS_OR_ZERO:  # 0 means "none"; anything else is checked against its limit below
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.num_experts:
             _check_count("num_experts", self.num_experts, MAX_EXPERTS)
             _check_count("experts_per_token", self.experts_per_token, self.num_experts)
