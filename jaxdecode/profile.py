@@ -38,7 +38,10 @@ from .loop import decode_loop
 ATTENTION, CACHE_WRITE, OTHER_LAYER = "attention over the cache", "cache write", "norms, RoPE, residuals"
 EMBEDDING, HEAD, SAMPLING = "embedding lookup", "LM head", "sampling and bookkeeping"
 BETWEEN = "between thunks"
-_LINEAR = re.compile(r"/layer_\d+/(?:attn|mlp|moe|moe/shared)/(q|k|v|o|gate|up|down|router|experts|shared_gate)/")
+_LINEAR = re.compile(
+    r"/layer_\d+/(?:attn|mlp|moe|moe/shared)/(q|k|v|o|gate|up|down|router|experts|shared_gate)/"
+    r"|/(?:layer_\d+/)?(per_layer_gate|per_layer_proj|per_layer_model_proj)/"  # Gemma 4's per-layer inputs
+)
 _NAME = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALL = re.compile(r" (dot|tuple|get-tuple-element|while)\(([^)]*)\)")
@@ -55,7 +58,7 @@ def part_of(op_name: str) -> str:
         return ATTENTION
     linear = _LINEAR.search(op_name)
     if linear:
-        return f"weights: {linear.group(1)}"
+        return f"weights: {linear.group(1) or linear.group(2)}"
     if "/attn/scatter" in op_name:
         return CACHE_WRITE
     if "/layer_" in op_name:

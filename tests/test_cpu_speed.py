@@ -82,6 +82,8 @@ def test_parts_are_named_from_op_names():
     assert profile.part_of(f"{body}/attn/jit(decode_attention)/cond/branch_0_fun/exp") == profile.ATTENTION
     assert profile.part_of(f"{body}/attn/scatter") == profile.CACHE_WRITE
     assert profile.part_of(f"{body}/attn_norm/rsqrt") == profile.OTHER_LAYER
+    assert profile.part_of(f"{body}/per_layer_gate/dot_general") == "weights: per_layer_gate"
+    assert profile.part_of("jit(run)/Decoder/per_layer_model_proj/dot_general") == "weights: per_layer_model_proj"
     assert profile.part_of("jit(run)/while/body/Decoder/dot_general") == profile.HEAD
     assert profile.part_of("jit(run)/while/body/Decoder/jit(take)/gather") == profile.EMBEDDING
     assert profile.part_of("jit(run)/while/body/argmax") == profile.SAMPLING
