@@ -319,15 +319,12 @@ class ModelConfig:
                 )
             if self.position == "rope" and self.head_dim_of(i) % 2:
                 raise ValueError(f"RoPE rotates pairs: layer {i}'s head_dim must be even, got {self.head_dim_of(i)}")
-        if isinstance(self.kv_shared_layers, bool) or not (
-            isinstance(self.kv_shared_layers, int) and 0 <= self.kv_shared_layers < self.num_layers
-        ):
+        if self.kv_shared_layers >= self.num_layers:
             raise ValueError(
-                f"kv_shared_layers must be an integer in 0..{self.num_layers - 1}, got {self.kv_shared_layers!r}"
+                f"kv_shared_layers must be below num_layers ({self.num_layers}), got {self.kv_shared_layers}"
             )
         for i in range(self.num_layers - self.kv_shared_layers, self.num_layers):
-            source = self.kv_source(i)
-            if source is None:
+            if self.kv_source(i) is None:
                 raise ValueError(f"layer {i} shares K/V, but no earlier layer of its kind computes them")
         if self.per_layer_dim or self.per_layer_vocab:
             _check_count("per_layer_dim", self.per_layer_dim, MAX_WIDTH)

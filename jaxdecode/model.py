@@ -58,12 +58,13 @@ class Norm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         xf = x.astype(jnp.float32)
-        if not self.with_scale:
-            return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)).astype(x.dtype)
+        if cfg.norm == "rms" or not self.with_scale:
+            normed = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+            if not self.with_scale:
+                return normed.astype(x.dtype)
         scale_init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
         scale = self.param("scale", scale_init, (x.shape[-1],), x.dtype).astype(jnp.float32) + cfg.norm_offset
         if cfg.norm == "rms":
-            normed = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
             if cfg.norm_scales_in_float32:  # Gemma scales in float32; Llama casts back first, then scales.
                 return (normed * scale).astype(x.dtype)
             return normed.astype(x.dtype) * scale.astype(x.dtype)
