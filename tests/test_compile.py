@@ -207,6 +207,23 @@ SMALL_GEMMA3 = jd.ModelConfig(
     qk_norm=True,
     sandwich_norm=True,
 )
+# Gemma 4's shapes: head_dim 256 in sliding layers and 512 in the full one, the last layer reading layer
+# 0's K/V (no cache of its own) with a double-wide MLP, per-layer inputs, proportional RoPE.
+SMALL_GEMMA4 = SMALL_GEMMA3.replace(
+    family="gemma4",
+    num_layers=3,
+    norm_offset=0.0,
+    layer_types=("sliding", "full", "sliding"),
+    layer_head_dims=(256, 512, 256),
+    kv_shared_layers=1,
+    double_wide_shared_mlp=True,
+    v_norm=True,
+    attn_scale=1.0,
+    rope_scaling=jd.RopeScaling("proportional", 1.0, rotary_fraction=0.25),
+    per_layer_dim=64,
+    per_layer_vocab=1024,
+    layer_scalar=True,
+)
 # A mixture of experts: 8 experts, top-2, split over the model axis (two per chip on model=4).
 SMALL_MIXTRAL = SMALL_LLAMA.replace(family="mixtral", num_experts=8, experts_per_token=2, expert_ffn_dim=1024)
 WORKLOAD = jp.Workload(batch=4, prompt_len=256, new_tokens=32)
@@ -217,6 +234,7 @@ PROGRAMS = [  # (config, workload changes, mesh (data, model))
     (SMALL_LLAMA, dict(gamma=3), (1, 1)),
     (SMALL_LLAMA, dict(dtype="float32"), (1, 1)),
     (SMALL_GEMMA3, {}, (1, 1)),
+    (SMALL_GEMMA4, {}, (1, 1)),
     (SMALL_LLAMA, {}, (1, 4)),
     (SMALL_LLAMA, {}, (2, 2)),
     (SMALL_LLAMA, dict(gamma=3), (2, 2)),
