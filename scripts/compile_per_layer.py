@@ -60,9 +60,8 @@ def main() -> None:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    if args.model == "gemma4-shape":
-        config = GEMMA4_SHAPE
-        uniform = config.replace(
+    if args.model == "gemma4-shape":  # random weights; the uniform variant has its own (other shapes)
+        uniform = GEMMA4_SHAPE.replace(
             layer_types=None,
             sliding_window=None,
             rope_local_theta=None,
@@ -73,15 +72,21 @@ def main() -> None:
             per_layer_dim=0,
             per_layer_vocab=0,
         )
-        model = jd.Model(config, jd.init_params(config, jax.random.key(0)), tokenizer=None)
+        variants = {
+            name: jd.Model(config, jd.init_params(config, jax.random.key(0)), tokenizer=None)
+            for name, config in (("per-layer (as the model is)", GEMMA4_SHAPE), ("uniform layers", uniform))
+        }
     else:
         model = jd.load(args.model)
         uniform = model.config.replace(layer_types=None, sliding_window=None, rope_local_theta=None)
-    variants = {"per-layer (as the model is)": model.config, "uniform layers": uniform}
+        variants = {
+            "per-layer (as the model is)": model,
+            "uniform layers": dataclasses.replace(model, config=uniform),
+        }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # alternate, so neither variant always compiles first
-        for name, config in variants.items():
-            fresh = dataclasses.replace(model, config=config, executables={})
+        for name, model in variants.items():
+            fresh = dataclasses.replace(model, executables={})
             prompt = "Photosynthesis converts" if model.tokenizer else [list(range(1, 17))]
             out = jd.generate(fresh, prompt, max_new_tokens=8, stop_ids=())
             times[name].append(out.compile_s)
