@@ -209,3 +209,16 @@ def test_missing_or_extra_expert_names_the_fix(tmp_path):
     save_file(extra, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelFileError, match=r"has expert 9, but the config has 4 experts"):
         jd.load(tmp_path)
+
+
+def test_stacked_experts_of_the_wrong_width_are_refused(tmp_path):
+    """Gemma 4 stores its experts stacked, gate|up fused: a fused tensor of the wrong width is refused by name."""
+    from safetensors.numpy import load_file, save_file
+
+    build("gemma4_moe", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.experts.gate_up_proj"
+    tensors[name] = tensors[name][:, :-2]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match=r"gate_up_proj.*implies 80 fused gate\|up rows"):
+        jd.load(tmp_path)

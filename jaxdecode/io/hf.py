@@ -269,30 +269,20 @@ def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any], ori
                 attn.setdefault(proj, {})[part] = value
                 origin[f"layer_{i}/attn/{proj}/{part}"] = origin.get(name, name)
         mlp = layer.get("mlp", {})
-        if "gate_up" in mlp:  # Phi-3: rows [gate; up]
-            fused = mlp.pop("gate_up")["weight"]
+        if "gate_up" in mlp:  # Phi-3: [2f, d], rows [gate; up]
             name = f"layer_{i}/mlp/gate_up/weight"
-            if fused.ndim != 2 or fused.shape[0] != 2 * config.ffn_dim:
-                raise ModelFileError(
-                    directory,
-                    f"has shape {list(fused.shape)}; the config implies {2 * config.ffn_dim} rows",
-                    origin.get(name, name),
-                )
-            gate, up = np.split(fused, 2)
+            gate, up = _split_gate_up(
+                mlp.pop("gate_up")["weight"], 0, config.ffn_dim, origin.get(name, name), directory
+            )
             mlp["gate"], mlp["up"] = {"weight": gate}, {"weight": up}
-        if "gate_up" in layer.get("moe", {}).get("experts", {}):  # stacked [E, 2f, d]: rows [gate; up]
-            experts = layer["moe"]["experts"]
-            fused = experts.pop("gate_up")
-            name = f"layer_{i}/moe/experts/gate_up"
-            if fused.ndim != 3 or fused.shape[1] != 2 * config.expert_ffn_dim:
-                raise ModelFileError(
-                    directory,
-                    f"has shape {list(fused.shape)}; the config implies [experts, {2 * config.expert_ffn_dim}, d]",
-                    origin.get(name, name),
-                )
-            experts["gate"], experts["up"] = np.split(fused, 2, axis=1)
+        experts = layer.get("moe", {}).get("experts", {})
+        if "gate_up" in experts:  # Gemma 4's stacked experts: [E, 2f, d], rows [gate; up]
+            name = origin.get(f"layer_{i}/moe/experts/gate_up", f"layer_{i}/moe/experts/gate_up")
+            experts["gate"], experts["up"] = _split_gate_up(
+                experts.pop("gate_up"), 1, config.expert_ffn_dim, name, directory
+            )
             for part in ("gate", "up"):
-                origin[f"layer_{i}/moe/experts/{part}"] = origin.get(name, name)
+                origin[f"layer_{i}/moe/experts/{part}"] = name
         elif "moe" in layer:
             _stack_experts(layer["moe"], config, i, origin, directory)
         if config.kv_source(i) != i:  # K/V-sharing layers: files may keep unused K/V weights (HF ignores them)
@@ -300,6 +290,16 @@ def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any], ori
                 attn.pop(unused, None)
     if config.tie_embeddings:
         params.pop("lm_head", None)
+
+
+def _split_gate_up(fused: np.ndarray, axis: int, width: int, name: str, directory) -> tuple[np.ndarray, np.ndarray]:
+    """A fused gate|up weight -> (gate, up), halves along `axis` (refused unless it has 2 x `width` rows there)."""
+    if fused.ndim != axis + 2 or fused.shape[axis] != 2 * width:
+        raise ModelFileError(
+            directory, f"has shape {list(fused.shape)}; the config implies {2 * width} fused gate|up rows", name
+        )
+    gate, up = np.split(fused, 2, axis=axis)
+    return gate, up
 
 
 def _stack_experts(moe: dict[str, Any], config: ModelConfig, layer: int, origin: dict[str, str], directory) -> None:
