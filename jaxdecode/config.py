@@ -401,8 +401,7 @@ def rope_inv_freq(config: ModelConfig, layer: int = 0) -> np.ndarray:
     scaling = None if local else config.rope_scaling
     if scaling is not None and scaling.kind == "proportional":
         pairs = int(scaling.rotary_fraction * dim // 2)  # as HF's `_compute_proportional_rope_parameters`
-        turning = 1.0 / (theta ** (np.arange(0, 2 * pairs, 2, dtype=np.int64).astype(np.float32) / dim))
-        inv_freq = np.concatenate([turning.astype(np.float32), np.zeros(dim // 2 - pairs, np.float32)])
+        inv_freq = np.concatenate([_base_inv_freq(theta, dim)[:pairs], np.zeros(dim // 2 - pairs, np.float32)])
         return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
     inv_freq = _base_inv_freq(theta, dim)
     if scaling is None:
@@ -726,18 +725,13 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     if model_type == "gemma":
         theta, scaling = _rope_from_hf(hf)
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         return ModelConfig(
             family="gemma",
             **_decoder_dims(hf, max_seq_len=8192, norm_eps=1e-6, head_dim=256),
+            **_gemma_settings(hf),
             norm_offset=1.0,
-            activation=_hf_activation(act),
-            qkv_bias=bool(hf.get("attention_bias", False)),
-            out_bias=bool(hf.get("attention_bias", False)),
             rope_theta=theta,
             rope_scaling=scaling,
-            embed_scale=True,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
     if model_type in ("gemma2", "gemma3_text", "gemma3"):
         if model_type == "gemma3" and "text_config" in hf:  # the multimodal wrapper: its text model
@@ -750,19 +744,14 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         local_theta, _ = _rope_from_hf(local, "sliding_attention")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         return ModelConfig(
             family="gemma2" if gemma2 else "gemma3",
             **_decoder_dims(hf, max_seq_len=8192, norm_eps=1e-6),
+            **_gemma_settings(hf),
             norm_offset=1.0,
-            activation=_hf_activation(act),
-            qkv_bias=bool(hf.get("attention_bias", False)),
-            out_bias=bool(hf.get("attention_bias", False)),
             rope_theta=theta,
             rope_scaling=scaling,
             rope_local_theta=None if gemma2 else local_theta,
-            embed_scale=True,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
             sliding_window=hf.get("sliding_window") or (4096 if gemma2 else 512),
             layer_types=_layer_types(hf, 2 if gemma2 else 6),
             attn_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
@@ -952,6 +941,20 @@ def _moe_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
     )
 
 
+def _gemma_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """What every Gemma generation's config.json maps alike: GeGLU (tanh) unless it says otherwise, one
+    `attention_bias` for q/k/v and the output, embeddings scaled by sqrt(d), a tied head by default."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    bias = bool(hf.get("attention_bias", False))
+    return dict(
+        activation=_hf_activation(act),
+        qkv_bias=bias,
+        out_bias=bias,
+        embed_scale=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
 _GEMMA4_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
@@ -1003,19 +1006,14 @@ def _gemma4_config(hf: dict[str, Any]) -> ModelConfig:
         hf = {**hf, "rope_parameters": _GEMMA4_ROPE}
     theta, scaling = _rope_from_hf(hf, "full_attention")
     local_theta, _ = _rope_from_hf(hf, "sliding_attention")
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     per_layer_dim = hf.get("hidden_size_per_layer_input") or 0
     return ModelConfig(
         family="gemma4",
         **dims,
-        activation=_hf_activation(act),
-        qkv_bias=bool(hf.get("attention_bias", False)),
-        out_bias=bool(hf.get("attention_bias", False)),
+        **_gemma_settings(hf),
         rope_theta=theta,
         rope_scaling=scaling,
         rope_local_theta=local_theta,
-        embed_scale=True,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         sliding_window=hf.get("sliding_window") or 512,
         layer_types=layer_types,
         attn_scale=1.0,

@@ -277,7 +277,8 @@ def _finish(params: dict[str, Any], config: ModelConfig, hf: dict[str, Any], ori
             mlp["gate"], mlp["up"] = {"weight": gate}, {"weight": up}
         experts = layer.get("moe", {}).get("experts", {})
         if "gate_up" in experts:  # Gemma 4's stacked experts: [E, 2f, d], rows [gate; up]
-            name = origin.get(f"layer_{i}/moe/experts/gate_up", f"layer_{i}/moe/experts/gate_up")
+            path = f"layer_{i}/moe/experts/gate_up"
+            name = origin.get(path, path)
             experts["gate"], experts["up"] = _split_gate_up(
                 experts.pop("gate_up"), 1, config.expert_ffn_dim, name, directory
             )
